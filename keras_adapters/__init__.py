@@ -1,0 +1,57 @@
+"""keras_adapters: parameter-efficient fine-tuning for Keras 3 and KerasHub.
+
+Importing the package also gives every KerasHub `Backbone` and `Task` the
+methods `enable_adapter`, `merge_adapters`, `save_adapter_weights` and
+`load_adapter_weights` (never replacing a KerasHub method of the same name).
+"""
+
+from keras_adapters.adapters import Adapter
+from keras_adapters.adapters import LoRA
+from keras_adapters.adapters import register_adapter
+from keras_adapters.model import AdapterReport
+from keras_adapters.model import adapted_layers
+from keras_adapters.model import adapter_variables
+from keras_adapters.model import enable_adapter
+from keras_adapters.model import merge_adapters
+from keras_adapters.saving import load_adapter_weights
+from keras_adapters.saving import read_adapter_spec
+from keras_adapters.saving import save_adapter_weights
+from keras_adapters.targeting import attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterReport",
+    "LoRA",
+    "adapted_layers",
+    "adapter_variables",
+    "attention",
+    "enable_adapter",
+    "load_adapter_weights",
+    "merge_adapters",
+    "read_adapter_spec",
+    "register_adapter",
+    "save_adapter_weights",
+]
+
+_MODEL_METHODS = {
+    "enable_adapter": enable_adapter,
+    "merge_adapters": merge_adapters,
+    "save_adapter_weights": save_adapter_weights,
+    "load_adapter_weights": load_adapter_weights,
+}
+
+
+def _install_keras_hub_methods():
+    try:
+        import keras_hub
+    except ImportError:
+        return
+    for cls in (keras_hub.models.Backbone, keras_hub.models.Task):
+        for name, function in _MODEL_METHODS.items():
+            if not hasattr(cls, name):
+                setattr(cls, name, function)
+
+
+_install_keras_hub_methods()

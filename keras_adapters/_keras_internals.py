@@ -1,0 +1,142 @@
+"""Every use of private Keras internals, in one place.
+
+keras_adapters attaches adapters to layers that already exist inside a model
+(for example the `query` projection held by a KerasHub attention block). Keras
+has no public API for that, so this module does the few private things it
+takes, the same way Keras' own `enable_lora` does:
+
+- add or remove variables on a built layer (its variable tracker is locked
+  after `build`);
+- switch a layer or model to a subclass of its own class, cached per class,
+  that serializes exactly as the original class;
+- walk a model's layer tree with parents.
+
+`tests/test_keras_internals.py` pins these behaviours for the supported Keras
+versions (`keras>=3.15`).
+"""
+
+import contextlib
+
+from keras.src import api_export
+from keras.src.saving import object_registration
+from keras.src.saving import serialization_lib
+
+_SUBCLASS_CACHE = {}
+
+
+@contextlib.contextmanager
+def unlocked_tracker(layer):
+    """Lets `add_weight` and attribute tracking work on a built layer."""
+    was_locked = layer._tracker.locked
+    layer._tracker.unlock()
+    try:
+        yield
+    finally:
+        if was_locked:
+            layer._tracker.lock()
+
+
+def untrack_variable(layer, variable):
+    """Removes a variable added with `add_weight` from `layer`."""
+    layer._untrack_variable(variable)
+
+
+def untrack_attribute(layer, name):
+    """Deletes attribute `name` of `layer` and stops tracking its value."""
+    value = getattr(layer, name)
+    with unlocked_tracker(layer):
+        layer._tracker.untrack(value)
+    object.__delattr__(layer, name)
+
+
+def set_untracked_attribute(layer, name, value):
+    """Sets a plain Python attribute that Keras' tracker must not wrap."""
+    object.__setattr__(layer, name, value)
+
+
+def switch_class(obj, mixin, *, serialize_as_base):
+    """Switches `obj` to a cached subclass `(mixin, type(obj))`.
+
+    Args:
+        obj: the layer or model.
+        mixin: the class whose methods override those of `type(obj)`.
+        serialize_as_base: if True, the subclass serializes exactly as
+            `type(obj)` (same module, name and registered name), so configs
+            and `.keras` files written while it is active name the original
+            class. If False, the subclass keeps the serialization names the
+            mixin was registered with.
+    """
+    base = type(obj)
+    key = (mixin, base)
+    if key not in _SUBCLASS_CACHE:
+        name = base.__name__ if serialize_as_base else f"Adapted{base.__name__}"
+        subclass = type(name, (mixin, base), {})
+        if serialize_as_base:
+            subclass.__module__ = base.__module__
+            subclass.__qualname__ = base.__qualname__
+            if base in api_export.REGISTERED_OBJS_TO_NAMES:
+                api_export.REGISTERED_OBJS_TO_NAMES[subclass] = (
+                    api_export.REGISTERED_OBJS_TO_NAMES[base]
+                )
+            if base in object_registration.GLOBAL_CUSTOM_NAMES:
+                object_registration.GLOBAL_CUSTOM_NAMES[subclass] = (
+                    object_registration.GLOBAL_CUSTOM_NAMES[base]
+                )
+        else:
+            object_registration.GLOBAL_CUSTOM_NAMES[subclass] = (
+                object_registration.get_registered_name(mixin)
+            )
+        subclass._keras_adapters_base_class = base
+        _SUBCLASS_CACHE[key] = subclass
+    obj.__class__ = _SUBCLASS_CACHE[key]
+
+
+def restore_class(obj):
+    """Undoes `switch_class`."""
+    obj.__class__ = obj._keras_adapters_base_class
+
+
+def base_class(obj):
+    """The class `obj` had before `switch_class` (or its class)."""
+    return getattr(type(obj), "_keras_adapters_base_class", type(obj))
+
+
+def serialize_class_config(cls, config):
+    """What `keras.saving.serialize_keras_object` writes for class `cls`."""
+    public = serialization_lib.serialize_with_public_class(cls, config)
+    if public is not None:
+        return public
+    return {
+        "module": cls.__module__,
+        "class_name": cls.__name__,
+        "config": config,
+        "registered_name": object_registration.get_registered_name(cls),
+    }
+
+
+def layers_with_parents(model):
+    """Yields `(layer, parent)` for every layer below `model`, parents first.
+
+    The parent of a layer is the layer that holds it (for a KerasHub
+    attention projection, the attention layer). Each layer appears once.
+    """
+    seen = {id(model)}
+    stack = [(layer, model) for layer in reversed(model._layers)]
+    while stack:
+        layer, parent = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        yield layer, parent
+        stack.extend((child, layer) for child in reversed(layer._layers))
+
+
+def reset_compiled_functions(model):
+    """Drops a model's cached train/test/predict functions.
+
+    They capture the variable lists, which change when adapters are added or
+    merged.
+    """
+    for name in ("train_function", "test_function", "predict_function"):
+        if hasattr(model, name):
+            setattr(model, name, None)

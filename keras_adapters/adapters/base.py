@@ -1,0 +1,120 @@
+"""The small base every adapter method builds on."""
+
+import keras
+from keras import ops
+
+ADAPTER_METHODS = {}
+
+
+def register_adapter(cls):
+    """Class decorator: makes an `Adapter` subclass known by its `method`.
+
+    Registered methods can be rebuilt from adapter files and `.keras` files
+    (`Adapter.deserialize`), and are Keras-serializable.
+    """
+    if not cls.method or cls.method in ADAPTER_METHODS:
+        raise ValueError(f"Adapter method name {cls.method!r} is empty or taken.")
+    ADAPTER_METHODS[cls.method] = cls
+    return keras.saving.register_keras_serializable(package="keras_adapters")(cls)
+
+
+class Adapter:
+    """Base class of adapter configurations (`LoRA`, `HUT`, `QGOFT`, ...).
+
+    An adapter object is a small, immutable description of a method and its
+    hyperparameters. `enable_adapter` uses it to create variables on each
+    targeted layer and to compute that layer's outputs; the variables live on
+    the layer, not on the adapter, so one adapter object serves many layers.
+
+    A subclass sets `method` and implements:
+
+    - `get_config()`: its hyperparameters (constructor arguments);
+    - `build(layer, view)`: creates its variables with `self.add_variable`
+      and returns their names;
+    - `adapted_matrix(layer, matrix)`: the adapted `(d_in, d_out)` kernel,
+      used for merging (exact) and by the default `call`;
+    - `num_parameters(view)`: adapter parameters for one layer.
+
+    It may override `call(layer, view, inputs, training)` with a faster path
+    that does not materialize the adapted kernel, `validate(layer, view)` to
+    reject layers it cannot adapt, and `release(layer)` to drop extra state.
+    """
+
+    method = None
+
+    def get_config(self):
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def serialize(self):
+        """`{"method": ..., "config": ...}`: JSON-ready."""
+        return {"method": self.method, "config": self.get_config()}
+
+    @staticmethod
+    def deserialize(data):
+        """Inverse of `serialize`."""
+        method = data.get("method") if isinstance(data, dict) else None
+        if method not in ADAPTER_METHODS:
+            raise ValueError(
+                f"Unknown adapter method {method!r}; known methods: "
+                f"{sorted(ADAPTER_METHODS)}."
+            )
+        return ADAPTER_METHODS[method].from_config(data["config"])
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash((self.method, repr(sorted(self.get_config().items()))))
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+    def validate(self, layer, view):
+        """Raises `ValueError` if this adapter cannot adapt `layer`."""
+
+    def build(self, layer, view):
+        raise NotImplementedError
+
+    def num_parameters(self, view):
+        raise NotImplementedError
+
+    def add_variable(self, layer, name, shape, initializer):
+        """Creates a float32 adapter variable `name` on `layer`.
+
+        Adapter variables are never autocast, so adapter math stays float32
+        under mixed precision.
+        """
+        variable = layer.add_weight(
+            name=name,
+            shape=shape,
+            initializer=initializer,
+            dtype="float32",
+            autocast=False,
+            trainable=True,
+        )
+        setattr(layer, name, variable)
+        return variable
+
+    def adapted_matrix(self, layer, matrix):
+        raise NotImplementedError
+
+    def adapted_kernel(self, layer, view, kernel):
+        """The adapted kernel in the layer's layout, computed in float32."""
+        matrix = view.to_matrix(ops.cast(kernel, "float32"))
+        return view.from_matrix(self.adapted_matrix(layer, matrix))
+
+    def call(self, layer, view, inputs, training=None):
+        """The layer's output before bias and activation.
+
+        The default materializes the adapted kernel.
+        """
+        kernel = self.adapted_kernel(layer, view, layer._kernel)
+        return view.project(inputs, ops.cast(kernel, layer.compute_dtype))
+
+    def release(self, layer):
+        """Drops state other than variables when the adapter is removed."""

@@ -1,0 +1,260 @@
+"""How an adapter attaches to a Keras `Dense` or `EinsumDense` layer.
+
+An adapter never wraps or replaces a layer: the layer object stays where it is
+(inside a KerasHub attention block, say), gains the adapter's variables, and
+switches to a cached subclass of its own class whose `call` lets the adapter
+take part. Merging folds the adapter into the kernel and switches the layer
+back to its original class. See `docs/how_adapters_attach.md`.
+"""
+
+import math
+import string
+
+import keras
+from keras import ops
+
+from keras_adapters import _keras_internals as internals
+
+SUPPORTED_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense)
+
+
+class UnsupportedLayerError(ValueError):
+    """Raised when an adapter cannot attach to a layer."""
+
+
+class KernelView:
+    """The 2-D (input axes x output axes) view of a projection kernel.
+
+    A `Dense` kernel is already a `(d_in, d_out)` matrix. An `EinsumDense`
+    kernel can have more axes: KerasHub's BERT query kernel is
+    `(hidden, heads, head_dim)` and Gemma's is `(heads, hidden, head_dim)`.
+    Its axes that contract with the inputs are the input axes, the ones that
+    reach the outputs are the output axes, and the 2-D view is the kernel
+    transposed to (input axes, output axes) and reshaped to
+    `(prod(input sizes), prod(output sizes))`. This is the matrix of the
+    flattened projection, the one Hugging Face PEFT factorizes.
+
+    Args:
+        layer: a built `Dense` or `EinsumDense` layer.
+    """
+
+    def __init__(self, layer):
+        kernel_shape = tuple(int(d) for d in layer._kernel.shape)
+        self.kernel_shape = kernel_shape
+        if isinstance(layer, keras.layers.EinsumDense):
+            self.equation = layer.equation.replace(" ", "")
+            inputs, rest = self.equation.split(",")
+            kernel, outputs = rest.split("->")
+            self._inputs, self._kernel, self._outputs = inputs, kernel, outputs
+            bad = [c for c in kernel if (c in inputs) == (c in outputs)]
+            if "." in kernel or bad or len(set(kernel)) != len(kernel):
+                raise UnsupportedLayerError(
+                    f"EinsumDense equation '{layer.equation}' is not a plain "
+                    "projection: every kernel axis must contract with the "
+                    "inputs or reach the outputs, not both or neither."
+                )
+            in_axes = [i for i, c in enumerate(kernel) if c in inputs]
+            out_axes = [i for i, c in enumerate(kernel) if c in outputs]
+            self._batch = "".join(c for c in inputs if c not in kernel)
+            leftover = set(outputs) - set(self._batch) - set(kernel)
+            if leftover or set(self._batch.replace(".", "")) - set(outputs):
+                raise UnsupportedLayerError(
+                    f"EinsumDense equation '{layer.equation}' is not a plain "
+                    "projection: its non-kernel input axes must all reach "
+                    "the outputs."
+                )
+            free = [c for c in string.ascii_letters if c not in self.equation]
+            self._rank_letter = free[0]
+        else:
+            self.equation = None
+            in_axes, out_axes = [0], [1]
+        self.perm = tuple(in_axes + out_axes)
+        self.inverse_perm = tuple(sorted(range(len(self.perm)), key=self.perm.__getitem__))
+        self.in_shape = tuple(kernel_shape[i] for i in in_axes)
+        self.out_shape = tuple(kernel_shape[i] for i in out_axes)
+        self.d_in = math.prod(self.in_shape)
+        self.d_out = math.prod(self.out_shape)
+        self._transposed = self.perm != tuple(range(len(self.perm)))
+
+    def to_matrix(self, kernel):
+        """Kernel (layer layout) -> `(d_in, d_out)` matrix."""
+        if self._transposed:
+            kernel = ops.transpose(kernel, self.perm)
+        return ops.reshape(kernel, (self.d_in, self.d_out))
+
+    def from_matrix(self, matrix):
+        """`(d_in, d_out)` matrix -> kernel (layer layout)."""
+        kernel = ops.reshape(matrix, self.in_shape + self.out_shape)
+        if self._transposed:
+            kernel = ops.transpose(kernel, self.inverse_perm)
+        return kernel
+
+    def project(self, inputs, kernel):
+        """The layer's own contraction of `inputs` with `kernel` (no bias)."""
+        if self.equation is None:
+            return ops.matmul(inputs, kernel)
+        return ops.einsum(self.equation, inputs, kernel)
+
+    def contract_inputs(self, inputs, factor):
+        """Contracts the input axes of `inputs` with a `(d_in, r)` factor.
+
+        Returns a tensor of shape `batch_axes + (r,)`.
+        """
+        if self.equation is None:
+            return ops.matmul(inputs, factor)
+        r = self._rank_letter
+        factor = ops.reshape(factor, self.in_shape + (factor.shape[-1],))
+        in_letters = "".join(c for c in self._kernel if c in self._inputs)
+        equation = f"{self._inputs},{in_letters}{r}->{self._batch}{r}"
+        return ops.einsum(equation, inputs, factor)
+
+    def expand_outputs(self, hidden, factor):
+        """Maps `batch_axes + (r,)` through an `(r, d_out)` factor.
+
+        Returns a tensor in the layer's output layout.
+        """
+        if self.equation is None:
+            return ops.matmul(hidden, factor)
+        r = self._rank_letter
+        factor = ops.reshape(factor, (factor.shape[0],) + self.out_shape)
+        out_letters = "".join(c for c in self._kernel if c in self._outputs)
+        equation = f"{self._batch}{r},{r}{out_letters}->{self._outputs}"
+        return ops.einsum(equation, hidden, factor)
+
+
+def check_supported(layer):
+    """Raises `UnsupportedLayerError` if no adapter can attach to `layer`.
+
+    Returns:
+        The layer's `KernelView`.
+    """
+    if not isinstance(layer, SUPPORTED_LAYERS):
+        raise UnsupportedLayerError(
+            f"Layer '{layer.path or layer.name}' is a {type(layer).__name__}; "
+            "adapters attach to Dense and EinsumDense layers."
+        )
+    if is_adapted(layer):
+        raise UnsupportedLayerError(
+            f"Layer '{layer.path}' already has a "
+            f"{layer._keras_adapters_adapter.method} adapter; a layer is "
+            "adapted at most once (merge_adapters() first)."
+        )
+    if not layer.built:
+        raise UnsupportedLayerError(
+            f"Layer '{layer.name}' is not built; build the model (call it on "
+            "data or call build()) before enabling adapters."
+        )
+    if getattr(layer, "lora_enabled", False):
+        raise UnsupportedLayerError(
+            f"Layer '{layer.path}' has Keras' built-in LoRA enabled; "
+            "keras_adapters does not stack on it."
+        )
+    if layer.quantization_mode is not None:
+        raise UnsupportedLayerError(
+            f"Layer '{layer.path}' is quantized "
+            f"({layer.quantization_mode!r}); adapters need a float kernel."
+        )
+    if getattr(layer, "kernel_constraint", None) is not None:
+        raise UnsupportedLayerError(
+            f"Layer '{layer.path}' has a kernel constraint, which an adapted "
+            "kernel would not respect."
+        )
+    return KernelView(layer)
+
+
+def is_adapted(layer):
+    return isinstance(layer, _AdaptedLayer)
+
+
+def attach(layer, adapter, view, name):
+    """Adds `adapter`'s variables to `layer` and switches its class.
+
+    `check_supported(layer)` and `adapter.validate(view, layer)` must have
+    passed.
+    """
+    with internals.unlocked_tracker(layer):
+        layer.trainable = True
+        variables = adapter.build(layer, view)
+    internals.set_untracked_attribute(layer, "_keras_adapters_adapter", adapter)
+    internals.set_untracked_attribute(layer, "_keras_adapters_view", view)
+    internals.set_untracked_attribute(layer, "_keras_adapters_name", name)
+    internals.set_untracked_attribute(
+        layer, "_keras_adapters_variable_names", tuple(variables)
+    )
+    internals.switch_class(layer, _AdaptedLayer, serialize_as_base=True)
+
+
+def adapter_variables(layer):
+    """`{name: variable}` of the adapter attached to `layer`."""
+    return {n: getattr(layer, n) for n in layer._keras_adapters_variable_names}
+
+
+def detach(layer, merge):
+    """Removes the adapter from `layer`, first folding it in if `merge`."""
+    if merge:
+        merged = layer._keras_adapters_adapter.adapted_kernel(
+            layer, layer._keras_adapters_view, layer._kernel
+        )
+        layer._kernel.assign(ops.cast(merged, layer._kernel.dtype))
+    for name in layer._keras_adapters_variable_names:
+        internals.untrack_variable(layer, getattr(layer, name))
+        internals.untrack_attribute(layer, name)
+    layer._keras_adapters_adapter.release(layer)
+    for name in (
+        "_keras_adapters_adapter",
+        "_keras_adapters_view",
+        "_keras_adapters_name",
+        "_keras_adapters_variable_names",
+    ):
+        object.__delattr__(layer, name)
+    internals.restore_class(layer)
+
+
+class _AdaptedLayer:
+    """Methods a `Dense`/`EinsumDense` layer gets while it has an adapter."""
+
+    @property
+    def kernel(self):
+        """The effective (adapted) kernel, as Keras' own LoRA exposes it."""
+        return self._keras_adapters_adapter.adapted_kernel(
+            self, self._keras_adapters_view, self._kernel
+        )
+
+    def call(self, inputs, training=None):
+        outputs = self._keras_adapters_adapter.call(
+            self, self._keras_adapters_view, inputs, training=training
+        )
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def _base_variables(self):
+        names = set(self._keras_adapters_variable_names)
+        return [v for v in self.weights if v.name not in names]
+
+    def save_own_variables(self, store):
+        # The base variables keep the keys Keras gives them ("0", "1"), so a
+        # file written here is the base layer's file plus adapter entries.
+        for i, variable in enumerate(self._base_variables()):
+            store[str(i)] = variable
+        for name, variable in adapter_variables(self).items():
+            store[name] = variable
+
+    def load_own_variables(self, store):
+        base = self._base_variables()
+        adapters = adapter_variables(self)
+        keys = set(store.keys())
+        expected = {str(i) for i in range(len(base))} | set(adapters)
+        if keys != expected:
+            raise ValueError(
+                f"Layer '{self.path}' has a {self._keras_adapters_adapter.method} "
+                f"adapter and expects the entries {sorted(expected)}, but the "
+                f"file has {sorted(keys)}. Was the file written by a model "
+                "with the same adapters?"
+            )
+        for i, variable in enumerate(base):
+            variable.assign(store[str(i)])
+        for name, variable in adapters.items():
+            variable.assign(store[name])

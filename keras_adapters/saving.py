@@ -1,0 +1,191 @@
+"""Adapter-only weight files.
+
+An adapter file is an HDF5 file holding:
+
+- the attribute `keras_adapters`: JSON with the format version, the adapters
+  (method, hyperparameters, adapted layer paths and kernel shapes) and the
+  names of the other trainable weights saved with them;
+- `adapters/<layer path>/<variable>`: every adapter variable, float32;
+- `extras/<variable path>`: the other weights `enable_adapter` left
+  trainable (a KerasHub Task's head, `keep_trainable` layers), so a file
+  restores everything that was trained.
+
+It holds arrays and JSON only, so loading it cannot execute code.
+"""
+
+import json
+import os
+import tempfile
+
+import h5py
+import keras
+import numpy as np
+
+from keras_adapters import layers as adapter_layers
+from keras_adapters import model as adapter_model
+from keras_adapters import targeting
+
+FORMAT_VERSION = 1
+_ATTRIBUTE = "keras_adapters"
+
+
+def _check_path(path, for_writing):
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"`path` must be a str or os.PathLike; received {path!r}.")
+    path = os.fspath(path)
+    if not path.endswith(".h5"):
+        raise ValueError(
+            f"Adapter files end in '.h5' (e.g. 'news.adapter.weights.h5'); "
+            f"received {path!r}."
+        )
+    if not for_writing and not os.path.isfile(path):
+        raise FileNotFoundError(f"No adapter file at {path!r}.")
+    return path
+
+
+def save_adapter_weights(model, path) -> None:
+    """Saves the adapters of `model` (and its other trainable weights).
+
+    The file is small: its size follows the adapter parameters, not the
+    model. It is written to a temporary file in the same directory and then
+    renamed over `path`, so an interrupted save never corrupts an existing
+    file.
+
+    Args:
+        model: a model with adapters.
+        path: where to write, ending in `.h5`.
+
+    Example:
+
+    ```python
+    ka.save_adapter_weights(classifier, "news.adapter.weights.h5")
+    ```
+    """
+    path = _check_path(path, for_writing=True)
+    groups = adapter_model.adapter_groups(model)
+    if not groups:
+        raise ValueError(
+            f"Model '{model.name}' has no adapters to save; enable_adapter() first."
+        )
+    adapted = adapter_model.adapted_layers(model)
+    adapter_ids = {id(v) for v in adapter_model.adapter_variables(model)}
+    extras = [v for v in model.trainable_weights if id(v) not in adapter_ids]
+    spec = {
+        "format_version": FORMAT_VERSION,
+        "keras_version": keras.__version__,
+        "backend": keras.backend.backend(),
+        "model_class": type(model).__name__,
+        "groups": [g.to_config() for g in groups],
+        "kernel_shapes": {
+            layer.path: list(layer._keras_adapters_view.kernel_shape) for layer in adapted
+        },
+        "extras": {v.path: list(v.shape) for v in extras},
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, tmp = tempfile.mkstemp(
+        dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp"
+    )
+    os.close(handle)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs[_ATTRIBUTE] = json.dumps(spec)
+            for layer in adapted:
+                for name, variable in adapter_layers.adapter_variables(layer).items():
+                    f[f"adapters/{layer.path}/{name}"] = _numpy(variable)
+            for variable in extras:
+                f[f"extras/{variable.path}"] = _numpy(variable)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _numpy(variable):
+    return np.asarray(keras.ops.convert_to_numpy(variable))
+
+
+def read_adapter_spec(path) -> dict:
+    """The JSON description stored in an adapter file."""
+    path = _check_path(path, for_writing=False)
+    try:
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get(_ATTRIBUTE)
+    except OSError as error:
+        raise ValueError(f"{path!r} is not a readable HDF5 file: {error}") from None
+    if raw is None:
+        raise ValueError(f"{path!r} is not a keras_adapters adapter file.")
+    spec = json.loads(raw)
+    if spec.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path!r} has adapter file format {spec.get('format_version')!r}; "
+            f"this version of keras_adapters reads format {FORMAT_VERSION}."
+        )
+    return spec
+
+
+def load_adapter_weights(model, path) -> None:
+    """Loads an adapter file into `model`, re-creating the adapters if needed.
+
+    Into a freshly built base model, this attaches the saved adapters to the
+    saved layers and restores every adapter variable (and the other trained
+    weights, such as a Task's head) exactly, so training can resume. Into a
+    model that already has the same adapters, it only restores values.
+
+    Every check runs before anything changes: a file that does not fit the
+    model (another architecture, other kernel shapes, other adapters) raises
+    a `ValueError` and leaves the model as it was.
+
+    Args:
+        model: a built Keras model of the architecture the file was saved
+            from.
+        path: an adapter file written by `save_adapter_weights`.
+    """
+    spec = read_adapter_spec(path)
+    groups = [adapter_model.AdapterGroup.from_config(g) for g in spec["groups"]]
+    adapter_model._check_model(model)
+    root = adapter_model._adapted_root(model)
+    existing = adapter_model.adapter_groups(model)
+    if existing and existing != groups:
+        raise ValueError(
+            f"Model '{model.name}' already has adapters "
+            f"{[(g.name, g.adapter) for g in existing]} that differ from the "
+            f"file's {[(g.name, g.adapter) for g in groups]}. Load the file into "
+            "a model without adapters, or into one with the same adapters."
+        )
+    layers_by_path = {
+        layer.path: layer for layer, _ in targeting.candidate_layers(root)
+    }
+    problems = []
+    for layer_path, shape in spec["kernel_shapes"].items():
+        layer = layers_by_path.get(layer_path)
+        if layer is None:
+            problems.append(f"no Dense/EinsumDense layer at '{layer_path}'")
+        elif list(layer._kernel.shape) != shape:
+            problems.append(
+                f"'{layer_path}' has kernel shape {tuple(layer._kernel.shape)}, the "
+                f"file {tuple(shape)}"
+            )
+    variables_by_path = {v.path: v for v in model.weights}
+    for variable_path, shape in spec["extras"].items():
+        variable = variables_by_path.get(variable_path)
+        if variable is None:
+            problems.append(f"no weight at '{variable_path}'")
+        elif list(variable.shape) != shape:
+            problems.append(
+                f"weight '{variable_path}' has shape {tuple(variable.shape)}, the "
+                f"file {tuple(shape)}"
+            )
+    if problems:
+        raise ValueError(
+            f"Adapter file {path!r} (saved from a {spec['model_class']}) does not "
+            f"fit model '{model.name}':\n  " + "\n  ".join(problems)
+        )
+    if not existing:
+        adapter_model.enable_groups(model, groups)
+    with h5py.File(path, "r") as f:
+        for layer in adapter_model.adapted_layers(model):
+            for name, variable in adapter_layers.adapter_variables(layer).items():
+                variable.assign(f[f"adapters/{layer.path}/{name}"][()])
+        for variable_path in spec["extras"]:
+            variables_by_path[variable_path].assign(f[f"extras/{variable_path}"][()])

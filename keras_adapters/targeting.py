@@ -1,0 +1,195 @@
+"""Which layers of a model an adapter attaches to.
+
+A target is any of:
+
+- an attention role set, `attention("query", "value")`: the W_q/W_k/W_v/W_o
+  projections, as each KerasHub architecture names them;
+- a string: a layer name (`"query"` matches every layer named `query`), or a
+  regular expression that must `re.fullmatch` the layer's `path`
+  (`r"transformer_layer_[0-5]/.*/(query|value)"`);
+- a callable `layer -> bool`;
+- a list or tuple of the above (a layer matching any of them).
+"""
+
+import re
+from collections.abc import Callable
+
+from keras_adapters import _keras_internals as internals
+from keras_adapters import layers as adapter_layers
+
+ATTENTION_ROLES = ("query", "key", "value", "attention_output")
+
+# Sublayer names per role, as the attention layers of KerasHub name them.
+# BERT, RoBERTa, DistilBERT, GPT-2 and friends use Keras' MultiHeadAttention;
+# Gemma, Llama, Mistral and Qwen use their own attention layers, with the same
+# names. The aliases cover architectures that use the Hugging Face names.
+_ROLE_NAMES = {
+    "query": ("query", "query_dense", "q_proj", "q"),
+    "key": ("key", "key_dense", "k_proj", "k"),
+    "value": ("value", "value_dense", "v_proj", "v"),
+    "attention_output": (
+        "attention_output",
+        "output_dense",
+        "o_proj",
+        "out_proj",
+    ),
+}
+
+
+def _is_attention_layer(layer):
+    return "attention" in type(layer).__name__.lower()
+
+
+def attention_role(layer, parent):
+    """The attention role of `layer` held by `parent`, or None."""
+    if parent is None or not _is_attention_layer(parent):
+        return None
+    for role, names in _ROLE_NAMES.items():
+        if layer.name in names:
+            return role
+    return None
+
+
+class Target:
+    """Base class of structured targets (`attention(...)`)."""
+
+    def matches(self, layer, parent) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class AttentionTarget(Target):
+    """The attention projections with the given roles."""
+
+    def __init__(self, roles):
+        self.roles = tuple(roles)
+
+    def matches(self, layer, parent):
+        return attention_role(layer, parent) in self.roles
+
+    def describe(self):
+        return f"attention{self.roles}"
+
+    def __repr__(self):
+        return f"attention({', '.join(repr(r) for r in self.roles)})"
+
+
+class PathsTarget(Target):
+    """Exactly the layers with these paths (used to restore adapters)."""
+
+    def __init__(self, paths):
+        self.paths = tuple(paths)
+
+    def matches(self, layer, parent):
+        return layer.path in self.paths
+
+    def describe(self):
+        return f"paths{list(self.paths)}"
+
+
+def attention(*roles: str) -> AttentionTarget:
+    """Targets attention projections by role, on any supported architecture.
+
+    Args:
+        *roles: one or more of `"query"`, `"key"`, `"value"`,
+            `"attention_output"`. No roles means all four.
+
+    Returns:
+        A target for `enable_adapter`.
+
+    Example:
+
+    >>> import keras_adapters as ka
+    >>> ka.attention("query", "value")
+    attention('query', 'value')
+    """
+    roles = roles or ATTENTION_ROLES
+    for role in roles:
+        if role not in ATTENTION_ROLES:
+            raise ValueError(
+                f"Unknown attention role {role!r}; the roles are {list(ATTENTION_ROLES)}."
+            )
+    return AttentionTarget(roles)
+
+
+def _string_matcher(pattern):
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"Target {pattern!r} is not a valid regular expression: {error}.") from None
+
+    def matches(layer, parent):
+        return layer.name == pattern or (
+            layer.path is not None and compiled.fullmatch(layer.path) is not None
+        )
+
+    return matches
+
+
+def _matchers(targets):
+    """`[(description, match(layer, parent) -> bool)]` for `targets`."""
+    if isinstance(targets, (list, tuple)):
+        if not targets:
+            raise ValueError("`targets` is an empty list; give at least one target.")
+        return [m for target in targets for m in _matchers(target)]
+    if isinstance(targets, Target):
+        return [(targets.describe(), targets.matches)]
+    if isinstance(targets, str):
+        return [(repr(targets), _string_matcher(targets))]
+    if isinstance(targets, Callable):
+        name = getattr(targets, "__name__", repr(targets))
+        return [(f"callable {name}", lambda layer, parent: bool(targets(layer)))]
+    raise ValueError(
+        f"Invalid target {targets!r} of type {type(targets).__name__}; a target is "
+        "ka.attention(...), a layer name or path regex (str), a callable "
+        "layer -> bool, or a list of these."
+    )
+
+
+def candidate_layers(model):
+    """`[(layer, parent)]` for every Dense/EinsumDense layer in `model`."""
+    return [
+        (layer, parent)
+        for layer, parent in internals.layers_with_parents(model)
+        if isinstance(layer, adapter_layers.SUPPORTED_LAYERS)
+    ]
+
+
+def resolve_targets(model, targets):
+    """Finds the layers of `model` that `targets` selects.
+
+    Returns:
+        `[(layer, parent)]` in the model's layer order.
+
+    Raises:
+        ValueError: a target matches no layer; the message lists the layers
+            that could have matched.
+    """
+    matchers = _matchers(targets)
+    everything = list(internals.layers_with_parents(model))
+    selected = []
+    for description, match in matchers:
+        hits = [(layer, parent) for layer, parent in everything if match(layer, parent)]
+        if not hits:
+            raise ValueError(
+                f"Target {description} matches no layer of model '{model.name}'. "
+                f"{_describe_candidates(model)}"
+            )
+        for hit in hits:
+            if all(hit[0] is not s[0] for s in selected):
+                selected.append(hit)
+    order = {id(layer): i for i, (layer, _) in enumerate(everything)}
+    return sorted(selected, key=lambda hit: order[id(hit[0])])
+
+
+def _describe_candidates(model, limit=40):
+    rows = []
+    for layer, parent in candidate_layers(model):
+        role = attention_role(layer, parent)
+        rows.append(f"  {layer.path}" + (f"  (role: {role})" if role else ""))
+    if not rows:
+        return "The model has no Dense or EinsumDense layers."
+    more = f"\n  ... and {len(rows) - limit} more" if len(rows) > limit else ""
+    return "Candidate layers (path, role):\n" + "\n".join(rows[:limit]) + more
