@@ -5,8 +5,12 @@ methods `enable_adapter`, `merge_adapters`, `save_adapter_weights` and
 `load_adapter_weights` (never replacing a KerasHub method of the same name).
 """
 
+from keras_adapters.adapters import GOFT
+from keras_adapters.adapters import HUT
+from keras_adapters.adapters import QGOFT
 from keras_adapters.adapters import Adapter
 from keras_adapters.adapters import LoRA
+from keras_adapters.adapters import SoftOrthogonality
 from keras_adapters.adapters import register_adapter
 from keras_adapters.model import AdapterReport
 from keras_adapters.model import adapted_layers
@@ -23,7 +27,11 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "AdapterReport",
+    "GOFT",
+    "HUT",
     "LoRA",
+    "QGOFT",
+    "SoftOrthogonality",
     "adapted_layers",
     "adapter_variables",
     "attention",

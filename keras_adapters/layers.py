@@ -108,6 +108,33 @@ class KernelView:
         equation = f"{self._inputs},{in_letters}{r}->{self._batch}{r}"
         return ops.einsum(equation, inputs, factor)
 
+    def map_inputs(self, inputs, fn):
+        """Applies `fn` along the flattened input axes of `inputs`.
+
+        `fn` maps a `(n, d_in)` tensor to a `(n, d_in)` tensor (for example
+        `x -> x R` for an input-side rotation `R`). Returns a tensor shaped
+        like `inputs`, ready for `project`.
+        """
+        if self.equation is None:
+            in_positions = [len(inputs.shape) - 1]
+        else:
+            in_letters = [c for c in self._kernel if c in self._inputs]
+            offset = len(inputs.shape) - len(self._inputs.replace("...", "_"))
+            in_positions = [
+                self._inputs.replace("...", "_").index(c) + max(offset, 0)
+                for c in in_letters
+            ]
+        rank = len(inputs.shape)
+        other = [i for i in range(rank) if i not in in_positions]
+        perm = other + in_positions
+        moved = inputs if perm == list(range(rank)) else ops.transpose(inputs, perm)
+        moved_shape = ops.shape(moved)
+        flat = fn(ops.reshape(moved, (-1, self.d_in)))
+        moved = ops.reshape(flat, moved_shape)
+        if perm == list(range(rank)):
+            return moved
+        return ops.transpose(moved, [perm.index(i) for i in range(rank)])
+
     def expand_outputs(self, hidden, factor):
         """Maps `batch_axes + (r,)` through an `(r, d_out)` factor.
 

@@ -246,8 +246,8 @@ def enable_adapter(
     group = AdapterGroup(
         name=name,
         adapter=adapter,
-        layer_paths=tuple(layer.path for layer, _ in plan),
-        keep_trainable_paths=tuple(layer.path for layer in kept_layers),
+        layer_paths=tuple(targeting.relative_path(root.name, layer.path) for layer, _ in plan),
+        keep_trainable_paths=tuple(targeting.relative_path(model.name, k.path) for k in kept_layers),
     )
     state.groups.append(group)
     if not isinstance(model, _AdaptedModel):
@@ -295,7 +295,7 @@ def _freeze_all_but_adapters(model):
         keep |= {id(v) for v in model.weights if id(v) not in root_ids}
     kept_paths = {p for g in state.groups for p in g.keep_trainable_paths}
     for layer, _ in internals.layers_with_parents(model):
-        if layer.path in kept_paths:
+        if targeting.relative_path(model.name, layer.path) in kept_paths:
             keep |= {id(v) for v in layer.weights}
     # A frozen ancestor would hide the adapters from `trainable_weights`, so
     # every layer is marked trainable and freezing happens per variable.
@@ -378,13 +378,16 @@ def _restore(model, state):
 
 def enable_groups(model, groups):
     """Re-attaches saved `AdapterGroup`s to exactly the layers they name."""
+    root = _adapted_root(model)
     for group in groups:
         keep = group.keep_trainable_paths
         enable_adapter(
             model,
             group.adapter,
-            targets=targeting.PathsTarget(group.layer_paths),
-            keep_trainable=targeting.PathsTarget(keep) if keep else None,
+            targets=targeting.PathsTarget(group.layer_paths, root.name),
+            keep_trainable=(
+                targeting.PathsTarget(keep, model.name) if keep else None
+            ),
             name=group.name,
         )
 
@@ -415,8 +418,14 @@ class _AdaptedModel:
                 "ka.save_adapter_weights(model, path) and load them into a "
                 "freshly built model with ka.load_adapter_weights(model, path)."
             ) from None
+        base = internals.serialize_class_config(internals.base_class(self), config)
+        # The base must be built before adapters attach, so it carries its
+        # own build config (Keras applies the outer one only afterwards).
+        build_config = self.get_build_config()
+        if build_config is not None:
+            base["build_config"] = build_config
         return {
-            "base": internals.serialize_class_config(internals.base_class(self), config),
+            "base": base,
             "adapters": [g.to_config() for g in self._keras_adapters_state.groups],
         }
 

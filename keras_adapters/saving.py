@@ -68,6 +68,14 @@ def save_adapter_weights(model, path) -> None:
             f"Model '{model.name}' has no adapters to save; enable_adapter() first."
         )
     adapted = adapter_model.adapted_layers(model)
+    root_name = adapter_model._adapted_root(model).name
+
+    def layer_key(layer):
+        return targeting.relative_path(root_name, layer.path)
+
+    def variable_key(variable):
+        return targeting.relative_path(model.name, variable.path)
+
     adapter_ids = {id(v) for v in adapter_model.adapter_variables(model)}
     extras = [v for v in model.trainable_weights if id(v) not in adapter_ids]
     spec = {
@@ -77,9 +85,10 @@ def save_adapter_weights(model, path) -> None:
         "model_class": type(model).__name__,
         "groups": [g.to_config() for g in groups],
         "kernel_shapes": {
-            layer.path: list(layer._keras_adapters_view.kernel_shape) for layer in adapted
+            layer_key(layer): list(layer._keras_adapters_view.kernel_shape)
+            for layer in adapted
         },
-        "extras": {v.path: list(v.shape) for v in extras},
+        "extras": {variable_key(v): list(v.shape) for v in extras},
     }
     directory = os.path.dirname(os.path.abspath(path))
     handle, tmp = tempfile.mkstemp(
@@ -91,9 +100,9 @@ def save_adapter_weights(model, path) -> None:
             f.attrs[_ATTRIBUTE] = json.dumps(spec)
             for layer in adapted:
                 for name, variable in adapter_layers.adapter_variables(layer).items():
-                    f[f"adapters/{layer.path}/{name}"] = _numpy(variable)
+                    f[f"adapters/{layer_key(layer)}/{name}"] = _numpy(variable)
             for variable in extras:
-                f[f"extras/{variable.path}"] = _numpy(variable)
+                f[f"extras/{variable_key(variable)}"] = _numpy(variable)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -154,7 +163,8 @@ def load_adapter_weights(model, path) -> None:
             "a model without adapters, or into one with the same adapters."
         )
     layers_by_path = {
-        layer.path: layer for layer, _ in targeting.candidate_layers(root)
+        targeting.relative_path(root.name, layer.path): layer
+        for layer, _ in targeting.candidate_layers(root)
     }
     problems = []
     for layer_path, shape in spec["kernel_shapes"].items():
@@ -166,7 +176,9 @@ def load_adapter_weights(model, path) -> None:
                 f"'{layer_path}' has kernel shape {tuple(layer._kernel.shape)}, the "
                 f"file {tuple(shape)}"
             )
-    variables_by_path = {v.path: v for v in model.weights}
+    variables_by_path = {
+        targeting.relative_path(model.name, v.path): v for v in model.weights
+    }
     for variable_path, shape in spec["extras"].items():
         variable = variables_by_path.get(variable_path)
         if variable is None:
@@ -185,7 +197,8 @@ def load_adapter_weights(model, path) -> None:
         adapter_model.enable_groups(model, groups)
     with h5py.File(path, "r") as f:
         for layer in adapter_model.adapted_layers(model):
+            key = targeting.relative_path(root.name, layer.path)
             for name, variable in adapter_layers.adapter_variables(layer).items():
-                variable.assign(f[f"adapters/{layer.path}/{name}"][()])
+                variable.assign(f[f"adapters/{key}/{name}"][()])
         for variable_path in spec["extras"]:
             variables_by_path[variable_path].assign(f[f"extras/{variable_path}"][()])

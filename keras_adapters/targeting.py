@@ -50,6 +50,18 @@ def attention_role(layer, parent):
     return None
 
 
+def relative_path(root_name, path):
+    """`path` without the leading `<root_name>/` that subclassed models add.
+
+    Adapter groups, adapter files and `.keras` configs store relative paths,
+    so they fit a fresh instance of the same model whose auto-generated name
+    differs (`my_model_1`).
+    """
+    path = path or ""
+    prefix = f"{root_name}/"
+    return path[len(prefix) :] if root_name and path.startswith(prefix) else path
+
+
 class Target:
     """Base class of structured targets (`attention(...)`)."""
 
@@ -77,13 +89,18 @@ class AttentionTarget(Target):
 
 
 class PathsTarget(Target):
-    """Exactly the layers with these paths (used to restore adapters)."""
+    """Exactly the layers with these paths, relative to `root` if given.
 
-    def __init__(self, paths):
+    Used to restore saved adapters; paths may omit the `<root name>/` prefix
+    that layers of subclassed models carry.
+    """
+
+    def __init__(self, paths, root_name=None):
         self.paths = tuple(paths)
+        self.root_name = root_name
 
     def matches(self, layer, parent):
-        return layer.path in self.paths
+        return relative_path(self.root_name, layer.path) in self.paths
 
     def describe(self):
         return f"paths{list(self.paths)}"

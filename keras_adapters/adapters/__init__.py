@@ -2,6 +2,18 @@
 
 from keras_adapters.adapters.base import Adapter
 from keras_adapters.adapters.base import register_adapter
+from keras_adapters.adapters.hut import HUT
 from keras_adapters.adapters.lora import LoRA
+from keras_adapters.adapters.qgoft import GOFT
+from keras_adapters.adapters.qgoft import QGOFT
+from keras_adapters.adapters.qgoft import SoftOrthogonality
 
-__all__ = ["Adapter", "LoRA", "register_adapter"]
+__all__ = [
+    "Adapter",
+    "GOFT",
+    "HUT",
+    "LoRA",
+    "QGOFT",
+    "SoftOrthogonality",
+    "register_adapter",
+]

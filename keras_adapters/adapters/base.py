@@ -5,6 +5,61 @@ from keras import ops
 
 ADAPTER_METHODS = {}
 
+# Named initializers for the random factor of a low-rank adapter (LoRA's and
+# HUT's `A`); each maps the rank to a Keras initializer.
+FACTOR_INITIALIZERS = {
+    # Hugging Face PEFT's default: kaiming_uniform_(a=sqrt(5)) on A, which is
+    # uniform(-1/sqrt(d_in), 1/sqrt(d_in)).
+    "kaiming": lambda rank: keras.initializers.VarianceScaling(
+        scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
+    ),
+    # PEFT's init_lora_weights="gaussian": normal with std 1/r.
+    "gaussian": lambda rank: keras.initializers.RandomNormal(stddev=1.0 / rank),
+    # Keras' built-in `enable_lora` default.
+    "he_uniform": lambda rank: keras.initializers.HeUniform(),
+}
+
+
+def check_number(name, value, low, allowed, *, integer=False, low_inclusive=True):
+    """Raises `ValueError` unless `value` is a number (an int if `integer`) >= low.
+
+    With `low_inclusive=False`, `value` must be > low. `allowed` describes
+    the accepted values in the message, e.g. "a positive int".
+    """
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise ValueError(f"`{name}` must be {allowed}; received {value!r}.")
+    if value < low or (value == low and not low_inclusive):
+        raise ValueError(f"`{name}` must be {allowed}; received {value!r}.")
+
+
+def check_initializer(name, value):
+    """Validates a factor initializer argument and returns its config form.
+
+    Accepts a name in `FACTOR_INITIALIZERS` or anything `keras.initializers.get`
+    accepts (name, config dict, object; objects are serialized so the
+    adapter's config stays JSON-ready). Raises `ValueError` otherwise.
+    """
+    if isinstance(value, str) and value in FACTOR_INITIALIZERS:
+        return value
+    try:
+        keras.initializers.get(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"`{name}` must be one of {sorted(FACTOR_INITIALIZERS)} or a Keras "
+            f"initializer; received {value!r} ({error})."
+        ) from None
+    if isinstance(value, keras.initializers.Initializer):
+        return keras.initializers.serialize(value)
+    return value
+
+
+def factor_initializer(value, rank):
+    """The Keras initializer for a value accepted by `check_initializer`."""
+    if isinstance(value, str) and value in FACTOR_INITIALIZERS:
+        return FACTOR_INITIALIZERS[value](rank)
+    return keras.initializers.get(value)
+
 
 def register_adapter(cls):
     """Class decorator: makes an `Adapter` subclass known by its `method`.
@@ -83,16 +138,18 @@ class Adapter:
     def num_parameters(self, view):
         raise NotImplementedError
 
-    def add_variable(self, layer, name, shape, initializer):
+    def add_variable(self, layer, name, shape, initializer, regularizer=None):
         """Creates a float32 adapter variable `name` on `layer`.
 
         Adapter variables are never autocast, so adapter math stays float32
-        under mixed precision.
+        under mixed precision. A `regularizer` (a Keras regularizer) adds its
+        penalty to the model's losses, which `model.fit` minimizes.
         """
         variable = layer.add_weight(
             name=name,
             shape=shape,
             initializer=initializer,
+            regularizer=regularizer,
             dtype="float32",
             autocast=False,
             trainable=True,

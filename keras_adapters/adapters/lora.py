@@ -6,28 +6,17 @@ import keras
 from keras import ops
 
 from keras_adapters import _keras_internals as internals
+from keras_adapters.adapters.base import FACTOR_INITIALIZERS
 from keras_adapters.adapters.base import Adapter
+from keras_adapters.adapters.base import check_initializer
+from keras_adapters.adapters.base import check_number
+from keras_adapters.adapters.base import factor_initializer
 from keras_adapters.adapters.base import register_adapter
 
-_A_INITIALIZERS = {
-    # Hugging Face PEFT's default: kaiming_uniform_(a=sqrt(5)) on A, which is
-    # uniform(-1/sqrt(d_in), 1/sqrt(d_in)).
-    "kaiming": lambda rank: keras.initializers.VarianceScaling(
-        scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
-    ),
-    # PEFT's init_lora_weights="gaussian": normal with std 1/r.
-    "gaussian": lambda rank: keras.initializers.RandomNormal(stddev=1.0 / rank),
-    # Keras' built-in `enable_lora` default.
-    "he_uniform": lambda rank: keras.initializers.HeUniform(),
-}
-
-
-def _check_number(name, value, low, allowed, *, integer=False, low_inclusive=True):
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        raise ValueError(f"`{name}` must be {allowed}; received {value!r}.")
-    if value < low or (value == low and not low_inclusive):
-        raise ValueError(f"`{name}` must be {allowed}; received {value!r}.")
+# The former module-level names; the helpers now live in base.py (shared with
+# HUT).
+_A_INITIALIZERS = FACTOR_INITIALIZERS
+_check_number = check_number
 
 
 @register_adapter
@@ -99,25 +88,10 @@ class LoRA(Adapter):
         self.a_initializer = self._check_initializer("a_initializer", a_initializer)
         self.b_initializer = self._check_initializer("b_initializer", b_initializer)
 
-    @staticmethod
-    def _check_initializer(name, value):
-        if isinstance(value, str) and value in _A_INITIALIZERS:
-            return value
-        try:
-            keras.initializers.get(value)
-        except (ValueError, TypeError) as error:
-            raise ValueError(
-                f"`{name}` must be one of {sorted(_A_INITIALIZERS)} or a Keras "
-                f"initializer; received {value!r} ({error})."
-            ) from None
-        if isinstance(value, keras.initializers.Initializer):
-            return keras.initializers.serialize(value)
-        return value
+    _check_initializer = staticmethod(check_initializer)
 
     def _initializer(self, value):
-        if isinstance(value, str) and value in _A_INITIALIZERS:
-            return _A_INITIALIZERS[value](self.rank)
-        return keras.initializers.get(value)
+        return factor_initializer(value, self.rank)
 
     @property
     def scale(self) -> float:

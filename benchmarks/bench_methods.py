@@ -1,0 +1,243 @@
+"""Training-step time of each adaptation method on a MiniLM-sized BERT.
+
+Builds a 6-layer, 384-wide BERT classifier from its config (random weights,
+no download) once per method, compiles it with AdamW and
+`jit_compile=True`, and measures the median wall time of `train_on_batch`
+on one batch (16 x 128 tokens) after warm-up, under the Keras backend set by
+`KERAS_BACKEND`. The methods are timed in interleaved rounds (every method
+once per round), so that a change of machine load hits them all alike and
+the ratios stay meaningful.
+
+Methods: full fine-tuning; Keras' built-in `backbone.enable_lora(8)`
+(query and value, its default); and keras_adapters' LoRA r=8, HUT r=8 (the
+same parameter count as LoRA), GOFT and qGOFT, each on query and value.
+
+Usage:
+
+    KERAS_BACKEND=jax python benchmarks/bench_methods.py
+    KERAS_BACKEND=tensorflow python benchmarks/bench_methods.py --quick
+
+It prints a table (method, trainable parameters, median step seconds, ratio
+to our LoRA) and writes JSON to `--output` (default
+`benchmarks/results/methods-<backend>.json`).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import keras
+import keras_hub
+import numpy as np
+
+import keras_adapters as ka
+
+BATCH = 16
+SEQ = 128
+NUM_CLASSES = 5
+BERT = dict(
+    vocabulary_size=30522,
+    num_layers=6,
+    num_heads=12,
+    hidden_dim=384,
+    intermediate_dim=1536,
+    max_sequence_length=512,
+)
+
+
+def _adapter(adapter):
+    def configure(model):
+        ka.enable_adapter(model, adapter, targets=ka.attention("query", "value"))
+
+    return configure
+
+
+def _full(model):
+    model.trainable = True
+
+
+def _keras_lora(model):
+    model.backbone.enable_lora(8)
+
+
+METHODS = {
+    "full": _full,
+    "keras_lora": _keras_lora,
+    "lora": _adapter(ka.LoRA(rank=8, alpha=16)),
+    "hut": _adapter(ka.HUT(rank=8, alpha=16)),
+    "goft": _adapter(ka.GOFT()),
+    "qgoft": _adapter(ka.QGOFT(orthogonality=1e-3)),
+}
+DESCRIPTIONS = {
+    "full": "full fine-tuning",
+    "keras_lora": "Keras backbone.enable_lora(8)",
+    "lora": "ka.LoRA(rank=8), query+value",
+    "hut": "ka.HUT(rank=8), query+value",
+    "goft": "ka.GOFT(), query+value",
+    "qgoft": "ka.QGOFT(1e-3), query+value",
+}
+
+
+def build_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.BertBackbone(**BERT)
+    return keras_hub.models.BertTextClassifier(
+        backbone=backbone, num_classes=NUM_CLASSES, preprocessor=None
+    )
+
+
+def make_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    x = {
+        "token_ids": rng.integers(1, BERT["vocabulary_size"], (BATCH, SEQ)),
+        "segment_ids": np.zeros((BATCH, SEQ), "int32"),
+        "padding_mask": np.ones((BATCH, SEQ), "int32"),
+    }
+    x["token_ids"] = x["token_ids"].astype("int32")
+    return x, rng.integers(0, NUM_CLASSES, (BATCH,)).astype("int32")
+
+
+def prepare(method):
+    model = build_model()
+    METHODS[method](model)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    return model
+
+
+def count(variables):
+    return int(sum(np.prod(v.shape) for v in variables))
+
+
+def run(methods, warmup, steps, rounds):
+    x, y = make_batch()
+    models, times, compile_seconds = {}, {m: [] for m in methods}, {}
+    for method in methods:
+        start = time.perf_counter()
+        models[method] = prepare(method)
+        for _ in range(warmup):
+            models[method].train_on_batch(x, y)
+        compile_seconds[method] = time.perf_counter() - start
+        print(f"  ready: {method} ({compile_seconds[method]:.1f} s)", flush=True)
+    for _ in range(rounds):
+        for method in methods:
+            for _ in range(steps):
+                start = time.perf_counter()
+                models[method].train_on_batch(x, y)
+                times[method].append(time.perf_counter() - start)
+    rows = []
+    for method in methods:
+        rows.append(
+            {
+                "method": method,
+                "description": DESCRIPTIONS[method],
+                "trainable_params": count(models[method].trainable_weights),
+                "median_step_seconds": statistics.median(times[method]),
+                "min_step_seconds": min(times[method]),
+                "steps_timed": len(times[method]),
+                "warmup_and_compile_seconds": compile_seconds[method],
+            }
+        )
+    if "lora" in methods:
+        reference = next(r for r in rows if r["method"] == "lora")
+        for row in rows:
+            row["ratio_to_lora"] = (
+                row["median_step_seconds"] / reference["median_step_seconds"]
+            )
+    return rows
+
+
+def print_table(rows):
+    header = f"{'method':<12}{'trainable':>12}{'median s':>11}{'vs LoRA':>9}  notes"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        ratio = row.get("ratio_to_lora")
+        ratio = f"{ratio:.2f}x" if ratio is not None else "-"
+        print(
+            f"{row['method']:<12}{row['trainable_params']:>12,}"
+            f"{row['median_step_seconds']:>11.4f}{ratio:>9}  {row['description']}"
+        )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)}",
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="default 3 (1)")
+    parser.add_argument("--steps", type=int, default=None, help="per round; 5 (2)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 6 (1)")
+    parser.add_argument("--output", default=None, help="JSON path")
+    args = parser.parse_args(argv)
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    steps = args.steps if args.steps is not None else (2 if args.quick else 5)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 6)
+    backend = keras.backend.backend()
+    output = args.output or str(
+        pathlib.Path(__file__).parent / "results" / f"methods-{backend}.json"
+    )
+
+    print(
+        f"backend={backend} keras={keras.__version__} "
+        f"keras_hub={keras_hub.__version__} cpus={os.cpu_count()} "
+        f"batch={BATCH} seq={SEQ} warmup={warmup} steps={steps} rounds={rounds}",
+        flush=True,
+    )
+    rows = run(methods, warmup, steps, rounds)
+    print_table(rows)
+    result = {
+        "benchmark": "training step, MiniLM-sized BERT classifier",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "backend": backend,
+        "versions": {
+            "keras": keras.__version__,
+            "keras_hub": keras_hub.__version__,
+            "keras_adapters": ka.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+        },
+        "config": {
+            "model": BERT,
+            "num_classes": NUM_CLASSES,
+            "batch": BATCH,
+            "sequence_length": SEQ,
+            "optimizer": "AdamW(1e-4)",
+            "jit_compile": True,
+            "warmup": warmup,
+            "steps_per_round": steps,
+            "rounds": rounds,
+            "quick": args.quick,
+        },
+        "results": rows,
+    }
+    path = pathlib.Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""qGOFT and GOFT: (quasi-)orthogonal fine-tuning with Givens rotations.
+
+Both methods adapt a kernel `W` (its `(d_in, d_out)` 2-D view, see
+`KernelView`) as `W' = R W`, where `R` is a `d x d` matrix (`d = d_in`) acting
+on the layer's input side: for a row-vector input `x`, `x W' = (x R) W`.
+
+`R = P_1 P_2 ... P_K` is a product of `K = ceil(log2 d)` stages. Stage `k`
+(`k = 1..K`, stride `s = 2^(k-1)`) is the identity except for one 2x2 block on
+each coordinate pair `(i, j) = (2 s m, 2 s m + s)` with `j < d`:
+
+    P_k[i, i] = g00    P_k[i, j] = g01
+    P_k[j, i] = g10    P_k[j, j] = g11
+
+So stage 1 pairs `(0, 1), (2, 3), ...`, stage 2 pairs `(0, 2), (4, 6), ...`,
+stage 3 pairs `(0, 4), (8, 12), ...`: a binary reduction tree with exactly
+`d - 1` blocks for any `d` (the paper's Eq. 3, extended to widths that are
+not powers of two). With row vectors, `x R = (((x P_1) P_2) ... ) P_K`:
+**stage 1 is applied to `x` first**. The blocks are stored in that order
+(stage 1's blocks first, each stage's blocks by increasing `m`).
+
+`R` is never built. Stage by stage on the activations, only the coordinates
+a stage touches change (`ceil(d / 2^(k-1))` of them at stage `k`), so applying
+`R` costs `O(d)` per row. Merging computes `R W` with the same stage
+functions on the rows of `W^T` (`(R W)^T = W^T R^T`: the stages in reverse
+order, each block transposed), exactly and without a `d x d` matrix.
+"""
+
+import keras
+from keras import ops
+
+from keras_adapters.adapters.base import Adapter
+from keras_adapters.adapters.base import check_number
+from keras_adapters.adapters.base import register_adapter
+
+
+def givens_stages(d: int) -> list:
+    """`[(active, pairs)]` for each stage of the Givens tree on `d` coordinates.
+
+    `active` is the number of coordinates stage `k` can touch (the multiples
+    of `2^(k-1)` below `d`) and `pairs = active // 2` its number of blocks.
+    """
+    stages = []
+    active = d
+    while active > 1:
+        stages.append((active, active // 2))
+        active = (active + 1) // 2
+    return stages
+
+
+def givens_pairs(d: int) -> list:
+    """The coordinate pairs `(i, j)` of every block, stage by stage."""
+    pairs = []
+    for k, (_, count) in enumerate(givens_stages(d), start=1):
+        stride = 2 ** (k - 1)
+        pairs.append([(2 * stride * m, 2 * stride * m + stride) for m in range(count)])
+    return pairs
+
+
+def _mix(a, b, block, transpose):
+    """`(a, b) -> (a, b) @ G` (or `@ G^T`), per block; `a`, `b` are `(n, pairs)`."""
+    g00, g01, g10, g11 = block
+    if transpose:
+        g01, g10 = g10, g01
+    return a * g00 + b * g10, a * g01 + b * g11
+
+
+def apply_givens(x, blocks, d: int, transpose: bool = False):
+    """`x R` (or `x R^T` with `transpose=True`) for a `(n, d)` float tensor `x`.
+
+    Args:
+        x: `(n, d)` tensor.
+        blocks: one `(g00, g01, g10, g11)` tuple of `(pairs,)` tensors per
+            stage (see `givens_stages`).
+        d: the width.
+        transpose: apply `R^T` instead of `R` (the stages in reverse order,
+            each block transposed).
+
+    The coordinates a stage pairs are the even and odd entries of its active
+    coordinates, so each stage is a reshape to `(n, pairs, 2)`; the unpaired
+    entries (the odd ones and, for an odd count, the last one) are set aside
+    and interleaved back on the way out. Shapes are static; the loop over the
+    stages unrolls at trace time.
+    """
+    stages = givens_stages(d)
+    odd_entries = []
+    active = x
+    for (count, pairs), block in zip(stages, blocks, strict=True):
+        head = active
+        if count > 2 * pairs:
+            head, rest = ops.split(active, [2 * pairs], axis=-1)
+        a, b = ops.unstack(ops.reshape(head, (-1, pairs, 2)), 2, axis=-1)
+        if not transpose:
+            a, b = _mix(a, b, block, transpose=False)
+        odd_entries.append(b)
+        active = a if count == 2 * pairs else ops.concatenate([a, rest], axis=-1)
+    for (count, pairs), block, b in reversed(
+        list(zip(stages, blocks, odd_entries, strict=True))
+    ):
+        a = active
+        if count > 2 * pairs:
+            a, rest = ops.split(active, [pairs], axis=-1)
+        if transpose:
+            a, b = _mix(a, b, block, transpose=True)
+        merged = ops.reshape(ops.stack([a, b], axis=-1), (-1, 2 * pairs))
+        active = merged if count == 2 * pairs else ops.concatenate([merged, rest], -1)
+    return active
+
+
+@keras.saving.register_keras_serializable(package="keras_adapters")
+class SoftOrthogonality(keras.regularizers.Regularizer):
+    """qGOFT's soft-orthogonality penalty on 2x2 blocks.
+
+    For blocks `G_i = [[a1, b1], [a2, b2]] = (alpha_i, beta_i)` (columns
+    `alpha_i`, `beta_i`) stored as a `(..., 2, 2)` tensor, the penalty is
+    `strength * sum_i <alpha_i, beta_i>^2`: it pushes the two columns of each
+    block towards a right angle and leaves their norms free.
+
+    Args:
+        strength: positive number, the weight `lambda` of the penalty.
+
+    Example:
+
+    ```python
+    penalty = ka.SoftOrthogonality(1e-2)
+    penalty(keras.ops.ones((3, 2, 2)))  # 1e-2 * 3 * (1 + 1)^2 = 0.12
+    ```
+    """
+
+    def __init__(self, strength: float = 1e-3):
+        check_number("strength", strength, 0, "a positive number", low_inclusive=False)
+        self.strength = float(strength)
+
+    def __call__(self, blocks):
+        g00, g01, g10, g11 = ops.unstack(ops.reshape(blocks, (-1, 4)), 4, axis=-1)
+        return self.strength * ops.sum(ops.square(g00 * g01 + g10 * g11))
+
+    def get_config(self):
+        return {"strength": self.strength}
+
+
+def _identity_blocks(shape, dtype=None):
+    return ops.broadcast_to(ops.eye(2, dtype=dtype or "float32"), shape)
+
+
+class _GivensAdapter(Adapter):
+    """The shared implementation of `GOFT` (`strict`) and `QGOFT`."""
+
+    strict = True
+    orthogonality = 0.0
+
+    def _check_scale(self, scale):
+        if not isinstance(scale, bool):
+            raise ValueError(f"`scale` must be a bool; received {scale!r}.")
+        self.scale = scale
+
+    def validate(self, layer, view):
+        if view.d_in < 2:
+            raise ValueError(
+                f"{type(self).__name__} rotates the input dimension of a layer, "
+                f"which needs d_in >= 2; layer '{layer.path}' has d_in = "
+                f"{view.d_in}."
+            )
+
+    def num_parameters(self, view):
+        blocks = (1 if self.strict else 4) * (view.d_in - 1)
+        return blocks + (view.d_in if self.scale else 0)
+
+    def build(self, layer, view):
+        d = view.d_in
+        if self.strict:
+            names = [self.method + "_angles"]
+            self.add_variable(layer, names[0], (d - 1,), "zeros")
+        else:
+            names = [self.method + "_blocks"]
+            regularizer = None
+            if self.orthogonality > 0:
+                regularizer = SoftOrthogonality(self.orthogonality)
+            self.add_variable(
+                layer, names[0], (d - 1, 2, 2), _identity_blocks, regularizer
+            )
+        if self.scale:
+            names.append(self.method + "_scale")
+            self.add_variable(layer, names[1], (d,), "ones")
+        return tuple(names)
+
+    def stage_blocks(self, layer):
+        """Per stage, `(g00, g01, g10, g11)` as `(pairs,)` float32 tensors.
+
+        Block `i` acts on its pair `(x_i, x_j)` of a row vector as
+        `(x_i, x_j) @ [[g00, g01], [g10, g11]]`.
+        """
+        if self.strict:
+            angles = getattr(layer, self.method + "_angles")
+            cos, sin = ops.cos(angles), ops.sin(angles)
+            coefficients = ops.stack([cos, -sin, sin, cos], axis=-1)
+        else:
+            blocks = getattr(layer, self.method + "_blocks")
+            coefficients = ops.reshape(blocks, (-1, 4))
+        stages = givens_stages(int(coefficients.shape[0]) + 1)
+        bounds, total = [], 0
+        for _, pairs in stages[:-1]:
+            total += pairs
+            bounds.append(total)
+        per_stage = (
+            ops.split(coefficients, bounds, axis=0) if bounds else [coefficients]
+        )
+        return [tuple(ops.unstack(c, 4, axis=-1)) for c in per_stage]
+
+    def _scale_vector(self, layer):
+        return getattr(layer, self.method + "_scale") if self.scale else None
+
+    def adapted_matrix(self, layer, matrix):
+        # W' = R diag(scale) W, and (R M)^T = M^T R^T.
+        scale = self._scale_vector(layer)
+        if scale is not None:
+            matrix = matrix * ops.expand_dims(scale, -1)
+        rows = apply_givens(
+            ops.transpose(matrix), self.stage_blocks(layer), matrix.shape[0], True
+        )
+        return ops.transpose(rows)
+
+    def call(self, layer, view, inputs, training=None):
+        blocks = self.stage_blocks(layer)
+        scale = self._scale_vector(layer)
+
+        def transform(x):
+            y = apply_givens(ops.cast(x, "float32"), blocks, view.d_in)
+            if scale is not None:
+                y = y * scale
+            return ops.cast(y, layer.compute_dtype)
+
+        return view.project(view.map_inputs(inputs, transform), layer._kernel)
+
+
+@register_adapter
+class GOFT(_GivensAdapter):
+    """Givens orthogonal fine-tuning: W' = R W with R exactly orthogonal.
+
+    `R` is the product of `ceil(log2 d)` stages of disjoint Givens rotations
+    on the input dimension `d = d_in` (`d - 1` rotations in all; see the
+    module docstring for the pairing and the order: for a row-vector input,
+    stage 1 is applied first). Each rotation has one angle `theta`, stored
+    as is (init 0, so the adapted layer starts out equal to the base
+    layer); its block is `[[cos, -sin], [sin, cos]]` with the paper's sign
+    convention. The official code parameterizes `theta = pi * tanh(p)`; the
+    plain angle used here covers the same rotations and differs only in the
+    gradient scale near init. `R` is applied to the activations stage by
+    stage, at `O(d)` cost per row, and merges exactly (`W' = R W`).
+
+    Parameters per layer: `d - 1` (plus `d` with `scale=True`).
+
+    Args:
+        scale: bool; adds a learnable per-coordinate scale `c` of size `d`
+            (init ones) after the rotation: `x W' = ((x R) * c) W`, that is
+            `W' = R diag(c) W` (the paper's GOFT* norm scaling; the official
+            code enables it by default, here it is off).
+
+    Example:
+
+    >>> import keras_adapters as ka
+    >>> ka.GOFT()
+    GOFT(scale=False)
+
+    Reference:
+        Ma et al., "Parameter Efficient Quasi-Orthogonal Fine-Tuning via
+        Givens Rotation", ICML 2024, arXiv:2404.04316 (GOFT, Sec. 4).
+    """
+
+    method = "goft"
+    strict = True
+
+    def __init__(self, scale: bool = False):
+        self._check_scale(scale)
+
+    def get_config(self):
+        return {"scale": self.scale}
+
+
+@register_adapter
+class QGOFT(_GivensAdapter):
+    """Quasi-Givens orthogonal fine-tuning: W' = R W, R softly orthogonal.
+
+    As `GOFT`, with every Givens rotation replaced by a free 2x2 block
+    `G_i = (alpha_i, beta_i)` initialised to the identity, and the penalty
+    `orthogonality * sum_i <alpha_i, beta_i>^2` over the columns of every
+    block (a `SoftOrthogonality` regularizer on the blocks variable). The
+    penalty is part of the model's losses, so `model.fit` minimizes it with
+    the task loss; the column norms stay free.
+
+    Parameters per layer: `4 (d - 1)` (plus `d` with `scale=True`).
+
+    Args:
+        orthogonality: number >= 0, the weight `lambda` of the penalty; `0`
+            disables it. The paper uses 1e-3 to 5e-2 (0.5 hurts).
+        scale: bool; adds a learnable per-coordinate scale `c` of size `d`
+            (init ones) after the rotation: `x W' = ((x R) * c) W`, that is
+            `W' = R diag(c) W` (the paper's GOFT* norm scaling; the official
+            code enables it by default, here it is off).
+
+    Example:
+
+    >>> import keras_adapters as ka
+    >>> ka.QGOFT(orthogonality=1e-2)
+    QGOFT(orthogonality=0.01, scale=False)
+
+    Reference:
+        Ma et al., "Parameter Efficient Quasi-Orthogonal Fine-Tuning via
+        Givens Rotation", ICML 2024, arXiv:2404.04316.
+    """
+
+    method = "qgoft"
+    strict = False
+
+    def __init__(self, orthogonality: float = 1e-3, scale: bool = False):
+        check_number("orthogonality", orthogonality, 0, "a number >= 0")
+        self.orthogonality = float(orthogonality)
+        self._check_scale(scale)
+
+    def get_config(self):
+        return {"orthogonality": self.orthogonality, "scale": self.scale}

