@@ -114,6 +114,15 @@ def serialize_class_config(cls, config):
     }
 
 
+def is_deserializable(cls):
+    """Whether `keras.saving.load_model` can find `cls` again by name."""
+    return (
+        api_export.get_name_from_symbol(cls) is not None
+        or cls in object_registration.GLOBAL_CUSTOM_NAMES
+        or cls.__module__.split(".")[0] in ("keras", "keras_hub")
+    )
+
+
 def layers_with_parents(model):
     """Yields `(layer, parent)` for every layer below `model`, parents first.
 

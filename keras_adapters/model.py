@@ -407,18 +407,37 @@ class _AdaptedModel:
     adapters, and then loads every weight, adapter variables included.
     """
 
+    def save(self, filepath, *args, **kwargs):
+        # Keras opens the file before it serializes the config; checking the
+        # config first means a model that cannot be saved leaves no broken
+        # (or overwritten) file behind.
+        if str(filepath).endswith(".keras"):
+            self.get_config()
+        return super().save(filepath, *args, **kwargs)
+
     def get_config(self):
+        base_class = internals.base_class(self)
+        message = (
+            f"Model '{self.name}' ({base_class.__name__}) cannot be saved as "
+            ".keras with its adapters: {}. Save the adapters alone with "
+            "ka.save_adapter_weights(model, path) and load them into a freshly "
+            "built model with ka.load_adapter_weights(model, path)."
+        )
+        if not internals.is_deserializable(base_class):
+            raise NotImplementedError(
+                message.format(
+                    "its class is not registered with "
+                    "@keras.saving.register_keras_serializable(), so Keras could "
+                    "not load it back"
+                )
+            )
         try:
             config = super().get_config()
         except NotImplementedError:
             raise NotImplementedError(
-                f"Model '{self.name}' ({internals.base_class(self).__name__}) "
-                "cannot be serialized to a config, so it cannot be saved as "
-                ".keras with its adapters. Save the adapters alone with "
-                "ka.save_adapter_weights(model, path) and load them into a "
-                "freshly built model with ka.load_adapter_weights(model, path)."
+                message.format("it has no get_config()")
             ) from None
-        base = internals.serialize_class_config(internals.base_class(self), config)
+        base = internals.serialize_class_config(base_class, config)
         # The base must be built before adapters attach, so it carries its
         # own build config (Keras applies the outer one only afterwards).
         build_config = self.get_build_config()

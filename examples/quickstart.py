@@ -1,0 +1,221 @@
+"""Quickstart: LoRA fine-tuning of a pretrained MiniLM on BBC News topics.
+
+This demo walks the whole path of a `keras_adapters` user, offline, on real
+data and a real pretrained model:
+
+1. load the BBC News corpus (2,127 deduplicated articles, 5 topics) and
+   all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT) as a KerasHub
+   `BertTextClassifier`, and tokenize the articles once;
+2. measure test accuracy with the fresh, random classification head;
+3. attach LoRA (rank 8) to the query and value projections of every attention
+   block with `classifier.enable_adapter(...)`: only the adapters and the
+   head stay trainable;
+4. fine-tune with `compile()` / `fit()`, as any Keras model;
+5. measure test accuracy again and save the adapter weights alone (a file of
+   a few MB instead of the model's ~90 MB);
+6. merge the adapters into the base kernels (`ka.merge_adapters`), checking
+   that predictions do not change;
+7. export the merged model as a TensorFlow SavedModel, reload it with
+   `tf.saved_model.load` and serve a few test articles.
+
+Choices: articles are cut to their first 128 tokens (the title and first
+paragraphs are plenty to tell a topic), the split is fixed (80% train / 20%
+test per class), and training runs one epoch over the 1,701 training articles
+at batch size 16 with AdamW (learning rate 1e-3), which takes a few minutes
+on 2 CPU cores.
+
+Run from the repository root, with `KERAS_BACKEND=jax` or
+`KERAS_BACKEND=tensorflow`:
+
+```shell
+python examples/quickstart.py          # full run, a few minutes on CPU
+python examples/quickstart.py --quick  # smoke run on a tiny subset
+```
+"""
+
+import argparse
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import _bbc_minilm as bbc
+import keras_adapters as ka
+
+INPUTS = ("token_ids", "segment_ids", "padding_mask")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run on a tiny subset"
+    )
+    parser.add_argument("--output-dir", default="outputs/quickstart")
+    parser.add_argument("--seed", type=int, default=0, help="weights and dropout")
+    return parser.parse_args()
+
+
+def predict_logits(model, data, batch_size=64):
+    return model.predict({k: data[k] for k in INPUTS}, batch_size=batch_size, verbose=0)
+
+
+def accuracy(logits, labels):
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def megabytes(num_bytes):
+    return f"{num_bytes / 1e6:.1f} MB"
+
+
+def directory_size(path):
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(path)
+        for name in names
+    )
+
+
+def export_saved_model(model, path):
+    """Exports `model` as a SavedModel with a `serve` endpoint."""
+    if keras.backend.backend() != "jax":
+        model.export(path, format="tf_saved_model", verbose=False)
+        return
+    # jax2tf needs the dynamic batch and sequence axes spelled out.
+    dtypes = {name: model.input[name].dtype for name in INPUTS}
+    max_length = model.backbone.max_sequence_length
+    model.export(
+        path,
+        format="tf_saved_model",
+        verbose=False,
+        input_signature=[
+            {k: tf.TensorSpec((None, None), dtypes[k], name=k) for k in INPUTS}
+        ],
+        jax2tf_kwargs={
+            "polymorphic_shapes": [{k: "(b, s)" for k in INPUTS}],
+            "polymorphic_constraints": (f"s <= {max_length}",),
+            "with_gradient": False,
+        },
+    )
+
+
+def main():
+    args = parse_args()
+    keras.utils.set_random_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.quick:  # A tiny subset and a few steps: checks that all runs.
+        max_per_class, sequence_length, epochs, steps = 20, 64, 1, 4
+    else:
+        max_per_class, sequence_length, epochs, steps = None, 128, 1, None
+    batch_size = 16
+
+    # 1. Data and model. The split is fixed; `--seed` sets weights and dropout.
+    train_texts, train_labels, test_texts, test_labels, class_names = (
+        bbc.load_bbc_news(max_per_class=max_per_class)
+    )
+    print(f"BBC News: {len(train_texts)} train / {len(test_texts)} test articles")
+    print(f"Classes: {', '.join(class_names)}")
+    classifier, preprocessor = bbc.build_minilm_classifier(
+        num_classes=len(class_names), sequence_length=sequence_length
+    )
+    train = bbc.tokenize(preprocessor, train_texts, train_labels)
+    test = bbc.tokenize(preprocessor, test_texts, test_labels)
+
+    # 2. Accuracy before fine-tuning: the head is random.
+    acc_before = accuracy(predict_logits(classifier, test), test["labels"])
+    print(f"Test accuracy before fine-tuning: {acc_before:.2%}")
+
+    # 3. LoRA on the query and value projections of every attention block.
+    report = classifier.enable_adapter(
+        ka.LoRA(rank=8, alpha=16, dropout=0.1),
+        targets=ka.attention("query", "value"),
+    )
+    print(report)
+
+    # 4. Fine-tune like any Keras model.
+    classifier.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=True,
+    )
+    start = time.perf_counter()
+    # KerasHub's `fit` does not shuffle NumPy inputs, so shuffle with tf.data.
+    train_ds = (
+        tf.data.Dataset.from_tensor_slices(({k: train[k] for k in INPUTS}, train["labels"]))
+        .shuffle(len(train_texts), seed=args.seed)
+        .batch(batch_size)
+        .take(steps or -1)
+    )
+    classifier.fit(train_ds, epochs=epochs, verbose=1)
+    fit_seconds = time.perf_counter() - start
+
+    # 5. Accuracy after fine-tuning; save the adapters alone.
+    logits = predict_logits(classifier, test)
+    acc_after = accuracy(logits, test["labels"])
+    print(f"Test accuracy after fine-tuning: {acc_after:.2%} ({fit_seconds:.0f} s)")
+    adapter_path = os.path.join(args.output_dir, "bbc_news.lora.weights.h5")
+    ka.save_adapter_weights(classifier, adapter_path)
+    adapter_bytes = os.path.getsize(adapter_path)
+    model_bytes = sum(v.numpy().nbytes for v in classifier.weights if "lora" not in v.path)
+    print(
+        f"Adapter file {adapter_path}: {megabytes(adapter_bytes)} "
+        f"(full model weights: {megabytes(model_bytes)})"
+    )
+
+    # 6. Merge: the adapted kernels become plain kernels; outputs do not change.
+    merged_paths = ka.merge_adapters(classifier)
+    merged_logits = predict_logits(classifier, test)
+    max_diff = float(np.max(np.abs(merged_logits - logits)))
+    rel_diff = max_diff / float(np.max(np.abs(logits)))
+    print(
+        f"Merged {len(merged_paths)} layers; max |logit diff| = {max_diff:.2e} "
+        f"(relative {rel_diff:.2e})"
+    )
+    if not np.array_equal(merged_logits.argmax(-1), logits.argmax(-1)):
+        raise AssertionError("Merged model predicts other labels than the adapted.")
+    if rel_diff > 1e-5:
+        raise AssertionError(f"Merged logits differ by {rel_diff:.2e} > 1e-5.")
+
+    # 7. Export the merged model and serve it with TensorFlow alone.
+    export_dir = os.path.join(args.output_dir, "saved_model")
+    export_saved_model(classifier, export_dir)
+    loaded = tf.saved_model.load(export_dir)
+    n = min(8, len(test_texts))
+    batch = {
+        k: tf.constant(test[k][:n], dtype=classifier.input[k].dtype) for k in INPUTS
+    }
+    served = loaded.serve(batch).numpy()
+    serve_diff = float(np.max(np.abs(served - merged_logits[:n])))
+    lora_vars = [v.name for v in loaded.variables if "lora" in v.name]
+    print(
+        f"SavedModel {export_dir}: {megabytes(directory_size(export_dir))}, "
+        f"{len(loaded.variables)} variables, {len(lora_vars)} LoRA variables; "
+        f"serve() max |logit diff| on {n} articles = {serve_diff:.2e}"
+    )
+    for text, label in zip(test_texts[:3], served.argmax(-1)):
+        print(f"  {class_names[label]:>13}: {text.splitlines()[0]}")
+    export_ok = not lora_vars and serve_diff <= 1e-4 * np.max(np.abs(served))
+    if not export_ok:
+        raise AssertionError("The SavedModel does not match the merged model.")
+
+    # 8. Summary.
+    rows = [
+        ("backend", keras.backend.backend()),
+        ("test accuracy before", f"{acc_before:.2%}"),
+        ("test accuracy after", f"{acc_after:.2%}"),
+        ("trainable / total params", f"{report.trainable_params:,} / "
+         f"{report.total_params:,}"),
+        ("fit wall time", f"{fit_seconds:.0f} s"),
+        ("adapter file", f"{megabytes(adapter_bytes)} vs {megabytes(model_bytes)}"),
+        ("merge max |logit diff|", f"{max_diff:.2e}"),
+        ("SavedModel serve check", "ok" if export_ok else "FAILED"),
+    ]
+    print("\nSummary")
+    for key, value in rows:
+        print(f"  {key:<26} {value}")
+
+
+if __name__ == "__main__":
+    main()
