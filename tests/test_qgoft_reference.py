@@ -1,0 +1,440 @@
+"""qGOFT and GOFT against an independent NumPy reference.
+
+The reference builds `R` as an explicit product of `d x d` Givens matrices,
+`R = P_1 P_2 ... P_K`, stage `k` pairing `(2^k m, 2^k m + 2^(k-1))`, from the
+values of the adapter's variables (set to random, non-identity values), and
+compares the layer's output and its merged kernel with `x R W` and `R W`.
+"""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import keras_adapters as ka
+
+RNG = np.random.default_rng(1234)
+
+
+# ----------------------------------------------------------------- reference
+
+
+def reference_pairs(d):
+    """Stage by stage, the pairs `(2^k m, 2^k m + 2^(k-1))` with `j < d`."""
+    stages, stride = [], 1
+    while stride < d:
+        stages.append(
+            [(i, i + stride) for i in range(0, d, 2 * stride) if i + stride < d]
+        )
+        stride *= 2
+    return stages
+
+
+def reference_blocks(adapter, layer):
+    """The `(d - 1, 2, 2)` blocks `[[g00, g01], [g10, g11]]` in stage order."""
+    if isinstance(adapter, ka.GOFT):
+        t = np.asarray(layer.goft_cayley, "float64")
+        theta = 2.0 * np.arctan(t)
+        cos, sin = np.cos(theta), np.sin(theta)
+        return np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
+    return np.asarray(layer.qgoft_blocks, "float64")
+
+
+def reference_rotation(blocks, d):
+    """`R = P_1 P_2 ... P_K` as a dense `d x d` matrix (float64)."""
+    rotation, index = np.eye(d), 0
+    for stage in reference_pairs(d):
+        factor = np.eye(d)
+        for i, j in stage:
+            factor[np.ix_([i, j], [i, j])] = blocks[index]
+            index += 1
+        rotation = rotation @ factor
+    assert index == len(blocks) == d - 1
+    return rotation
+
+
+def reference_scale(adapter, layer, d):
+    if not adapter.scale:
+        return np.ones(d)
+    return np.asarray(getattr(layer, adapter.method + "_scale"), "float64")
+
+
+def randomize(layer, spread=0.5):
+    """Random, non-identity values for every adapter variable of `layer`."""
+    for variable in _variables(layer):
+        value = np.asarray(variable) + spread * RNG.normal(size=variable.shape)
+        variable.assign(value.astype("float32"))
+
+
+def _variables(layer):
+    from keras_adapters import layers as adapter_layers
+
+    return list(adapter_layers.adapter_variables(layer).values())
+
+
+# ------------------------------------------------------------------- layers
+
+# (name, equation or None for Dense, input shape without batch, kernel axes
+# order relative to the 2-D view). d_in is the size of the contracted axes.
+LAYOUTS = {
+    "dense": (None, (5,), 3),
+    "dense_384": (None, (384,), 4),
+    "bert": ("abc,cde->abde", (3, 6), (2, 4)),
+    "gemma": ("btd,ndh->btnh", (3, 6), (2, 4)),
+}
+
+
+def build(layout, seed=0):
+    keras.utils.set_random_seed(seed)
+    equation, input_shape, out = LAYOUTS[layout]
+    inputs = keras.Input(input_shape)
+    if equation is None:
+        layer = keras.layers.Dense(out, name="proj")
+    elif layout == "bert":
+        layer = keras.layers.EinsumDense(
+            equation, output_shape=(None,) + out, bias_axes="de", name="proj"
+        )
+    else:
+        layer = keras.layers.EinsumDense(
+            equation, output_shape=(None,) + out, name="proj"
+        )
+    model = keras.Model(inputs, layer(inputs))
+    # Non-trivial base weights, including the bias.
+    for variable in layer.weights:
+        variable.assign(RNG.normal(size=variable.shape).astype("float32"))
+    x = RNG.normal(size=(4,) + input_shape).astype("float32")
+    return model, layer, x
+
+
+def base_matrix(layout, kernel):
+    """The `(d_in, d_out)` 2-D view of `kernel`, written out per layout."""
+    kernel = np.asarray(kernel, "float64")
+    if layout == "gemma":  # (n, d, h) -> (d, n * h)
+        return kernel.transpose(1, 0, 2).reshape(kernel.shape[1], -1)
+    return kernel.reshape(kernel.shape[0], -1)
+
+
+def layer_output(layout, layer, x, matrix):
+    """`x` through `layer` with its 2-D view replaced by `matrix` (NumPy)."""
+    x = np.asarray(x, "float64")
+    bias = 0.0 if layer.bias is None else np.asarray(layer.bias, "float64")
+    if layout == "gemma":
+        n, d, h = layer._kernel.shape
+        kernel = matrix.reshape(d, n, h)
+        return np.einsum("btd,dnh->btnh", x, kernel) + bias
+    if layout == "bert":
+        d = x.shape[-1]
+        return np.einsum("abc,cde->abde", x, matrix.reshape(d, *bias.shape)) + bias
+    return x @ matrix + bias
+
+
+ADAPTERS = {
+    "goft": lambda: ka.GOFT(),
+    "goft_scaled": lambda: ka.GOFT(scale=True),
+    "qgoft": lambda: ka.QGOFT(orthogonality=1e-2),
+    "qgoft_scaled": lambda: ka.QGOFT(orthogonality=0.0, scale=True),
+}
+
+
+def adapted(layout, adapter_id, seed=0):
+    model, layer, x = build(layout, seed)
+    base = keras.ops.convert_to_numpy(model(x))
+    adapter = ADAPTERS[adapter_id]()
+    ka.enable_adapter(model, adapter, targets="proj")
+    return model, layer, x, base, adapter
+
+
+# ------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("d", [2, 3, 4, 5, 7, 8, 384, 768])
+def test_reference_pairing_has_d_minus_1_blocks(d):
+    stages = ka.adapters.qgoft.givens_pairs(d)
+    assert stages == reference_pairs(d)
+    assert len(stages) == math.ceil(math.log2(d))
+    assert sum(len(s) for s in stages) == d - 1
+    assert ka.adapters.qgoft.givens_pairs(5) == [[(0, 1), (2, 3)], [(0, 2)], [(0, 4)]]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("adapter_id", list(ADAPTERS))
+def test_identity_at_init(layout, adapter_id):
+    model, _, x, base, _ = adapted(layout, adapter_id)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), base, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("adapter_id", list(ADAPTERS))
+def test_output_and_merge_match_reference(layout, adapter_id):
+    model, layer, x, _, adapter = adapted(layout, adapter_id)
+    randomize(layer)
+    base = base_matrix(layout, layer._kernel)
+    d = base.shape[0]
+    rotation = reference_rotation(reference_blocks(adapter, layer), d)
+    merged = rotation @ np.diag(reference_scale(adapter, layer, d)) @ base
+    expected = layer_output(layout, layer, x, merged)
+    # The reference R is not the identity: the test can tell.
+    assert np.max(np.abs(rotation - np.eye(d))) > 0.1
+
+    outputs = keras.ops.convert_to_numpy(model(x))
+    np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4)
+    # The effective kernel (the merge computation) equals R diag(c) W.
+    kernel = base_matrix(layout, keras.ops.convert_to_numpy(layer.kernel))
+    np.testing.assert_allclose(kernel, merged, rtol=1e-4, atol=1e-4)
+
+    ka.merge_adapters(model)
+    assert not _has_adapter(layer)
+    np.testing.assert_allclose(
+        base_matrix(layout, layer._kernel), merged, rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(x)), outputs, rtol=1e-5, atol=1e-5
+    )
+
+
+def _has_adapter(layer):
+    from keras_adapters import layers as adapter_layers
+
+    return adapter_layers.is_adapted(layer)
+
+
+@pytest.mark.parametrize("d", [2, 3, 5, 8, 13])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_apply_givens_matches_reference(d, transpose):
+    blocks = RNG.normal(size=(d - 1, 2, 2))
+    stages, start = [], 0
+    for _, pairs in ka.adapters.qgoft.givens_stages(d):
+        chunk = blocks[start : start + pairs].astype("float32")
+        stages.append(tuple(chunk[:, i, j] for i in (0, 1) for j in (0, 1)))
+        start += pairs
+    x = RNG.normal(size=(6, d)).astype("float32")
+    out = ka.adapters.qgoft.apply_givens(x, stages, d, transpose=transpose)
+    rotation = reference_rotation(blocks, d)
+    expected = x @ (rotation.T if transpose else rotation)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(out), expected, rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("d", [5, 64, 384])
+def test_goft_rotation_is_orthogonal(d):
+    model, layer = build_dense(d)
+    ka.enable_adapter(model, ka.GOFT(), targets="proj")
+    layer.goft_cayley.assign(RNG.normal(size=(d - 1,)).astype("float32") * 2.0)
+    # R = R I: the adapted matrix of the identity, computed by the layer.
+    rotation = keras.ops.convert_to_numpy(
+        layer._keras_adapters_adapter.adapted_matrix(layer, keras.ops.eye(d))
+    ).astype("float64")
+    np.testing.assert_allclose(rotation.T @ rotation, np.eye(d), atol=1e-6)
+    reference = reference_rotation(reference_blocks(ka.GOFT(), layer), d)
+    np.testing.assert_allclose(rotation, reference, atol=1e-5)
+
+
+def build_dense(d_in, d_out=3):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((d_in,))
+    layer = keras.layers.Dense(d_out, name="proj")
+    return keras.Model(inputs, layer(inputs)), layer
+
+
+@pytest.mark.parametrize(
+    "d, qgoft, goft", [(768, 3068, 767), (384, 1532, 383), (5, 16, 4), (2, 4, 1)]
+)
+def test_parameter_counts(d, qgoft, goft):
+    for adapter, expected in [
+        (ka.QGOFT(), qgoft),
+        (ka.GOFT(), goft),
+        (ka.QGOFT(scale=True), qgoft + d),
+        (ka.GOFT(scale=True), goft + d),
+    ]:
+        model, _ = build_dense(d)
+        report = ka.enable_adapter(model, adapter, targets="proj")
+        actual = sum(math.prod(v.shape) for v in ka.adapter_variables(model))
+        assert report.adapter_params == actual == expected, adapter
+
+
+def soft_orthogonality_reference(blocks, strength):
+    """Value and analytic gradient of `strength * sum <alpha, beta>^2`."""
+    blocks = np.asarray(blocks, "float64")
+    alpha, beta = blocks[..., :, 0], blocks[..., :, 1]
+    inner = np.sum(alpha * beta, axis=-1)
+    value = strength * np.sum(inner**2)
+    gradient = np.empty_like(blocks)
+    gradient[..., :, 0] = 2.0 * strength * inner[..., None] * beta
+    gradient[..., :, 1] = 2.0 * strength * inner[..., None] * alpha
+    return value, gradient
+
+
+def value_and_gradient(fn, x):
+    """`fn(x)` and its gradient with the current backend's autodiff."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        value, gradient = jax.value_and_grad(fn)(keras.ops.convert_to_tensor(x))
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        variable = tf.Variable(x)
+        with tf.GradientTape() as tape:
+            value = fn(variable)
+        gradient = tape.gradient(value, variable)
+    elif backend == "torch":
+        import torch
+
+        tensor = torch.tensor(x, requires_grad=True)
+        value = fn(tensor)
+        value.backward()
+        gradient = tensor.grad
+    else:
+        pytest.skip(f"no autodiff helper for backend {backend!r}")
+    return (
+        float(keras.ops.convert_to_numpy(value)),
+        keras.ops.convert_to_numpy(gradient),
+    )
+
+
+def test_soft_orthogonality_value_and_gradient():
+    blocks = RNG.normal(size=(7, 2, 2)).astype("float32")
+    penalty = ka.SoftOrthogonality(0.3)
+    expected_value, expected_gradient = soft_orthogonality_reference(blocks, 0.3)
+    value, gradient = value_and_gradient(penalty, blocks)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-4, atol=1e-6)
+    # And a central finite difference of the NumPy value, for the analytic form.
+    eps, index = 1e-6, (3, 1, 0)
+    shifted = [blocks.astype("float64") for _ in range(2)]
+    shifted[0][index] += eps
+    shifted[1][index] -= eps
+    numeric = (
+        soft_orthogonality_reference(shifted[0], 0.3)[0]
+        - soft_orthogonality_reference(shifted[1], 0.3)[0]
+    ) / (2 * eps)
+    np.testing.assert_allclose(expected_gradient[index], numeric, rtol=1e-5)
+    # Orthogonal columns cost nothing; the identity neither.
+    assert float(penalty(keras.ops.eye(2)[None])) == 0.0
+
+
+def test_penalty_is_in_model_losses_and_in_fit_loss():
+    model, layer = build_dense(6, 2)
+    ka.enable_adapter(model, ka.QGOFT(orthogonality=0.05), targets="proj")
+    assert [float(v) for v in model.losses] == [0.0]  # identity blocks
+    randomize(layer)
+    expected, _ = soft_orthogonality_reference(layer.qgoft_blocks, 0.05)
+    assert expected > 1e-3
+    losses = model.losses
+    assert len(losses) == 1
+    np.testing.assert_allclose(float(losses[0]), expected, rtol=1e-5)
+
+    x = RNG.normal(size=(8, 6)).astype("float32")
+    y = RNG.normal(size=(8, 2)).astype("float32")
+    task = np.mean((keras.ops.convert_to_numpy(model(x)) - y) ** 2)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=True)
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    np.testing.assert_allclose(history.history["loss"][0], task + expected, rtol=1e-4)
+
+
+def test_penalty_is_trained_away_by_fit():
+    model, layer = build_dense(6, 2)
+    ka.enable_adapter(model, ka.QGOFT(orthogonality=1.0), targets="proj")
+    randomize(layer)
+    before = float(model.losses[0])
+    x = np.zeros((8, 6), "float32")  # no task gradient: only the penalty
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", jit_compile=True)
+    model.fit(x, np.zeros((8, 2), "float32"), batch_size=8, epochs=30, verbose=0)
+    assert float(model.losses[0]) < 0.5 * before
+
+
+@pytest.mark.parametrize("adapter", [ka.QGOFT(orthogonality=0), ka.GOFT()])
+def test_no_penalty_without_orthogonality(adapter):
+    model, layer = build_dense(6, 2)
+    ka.enable_adapter(model, adapter, targets="proj")
+    randomize(layer)
+    assert model.losses == []
+    x = RNG.normal(size=(8, 6)).astype("float32")
+    y = RNG.normal(size=(8, 2)).astype("float32")
+    task = np.mean((keras.ops.convert_to_numpy(model(x)) - y) ** 2)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    np.testing.assert_allclose(history.history["loss"][0], task, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [ka.GOFT(), ka.GOFT(scale=True), ka.QGOFT(), ka.QGOFT(0.05, scale=True)],
+    ids=repr,
+)
+def test_config_round_trip(adapter):
+    config = adapter.get_config()
+    assert type(adapter).from_config(config) == adapter
+    assert ka.Adapter.deserialize(adapter.serialize()) == adapter
+    assert (
+        keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(adapter)
+        )
+        == adapter
+    )
+
+
+def test_regularizer_config_round_trip():
+    penalty = ka.SoftOrthogonality(0.25)
+    assert penalty.get_config() == {"strength": 0.25}
+    restored = keras.regularizers.deserialize(keras.regularizers.serialize(penalty))
+    assert isinstance(restored, ka.SoftOrthogonality)
+    assert restored.strength == 0.25
+    assert ka.SoftOrthogonality.from_config(penalty.get_config()).strength == 0.25
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: ka.QGOFT(orthogonality=-1e-3), "orthogonality"),
+        (lambda: ka.QGOFT(orthogonality="0.1"), "orthogonality"),
+        (lambda: ka.QGOFT(orthogonality=True), "orthogonality"),
+        (lambda: ka.QGOFT(orthogonality=None), "orthogonality"),
+        (lambda: ka.QGOFT(scale=1), "scale"),
+        (lambda: ka.QGOFT(scale="yes"), "scale"),
+        (lambda: ka.GOFT(scale=None), "scale"),
+        (lambda: ka.GOFT(scale=0), "scale"),
+        (lambda: ka.SoftOrthogonality(0), "strength"),
+        (lambda: ka.SoftOrthogonality(-1.0), "strength"),
+        (lambda: ka.SoftOrthogonality("big"), "strength"),
+    ],
+)
+def test_bad_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("adapter", [ka.GOFT(), ka.QGOFT()], ids=repr)
+def test_input_dimension_one_is_rejected(adapter):
+    model, layer = build_dense(1, 4)
+    with pytest.raises(ValueError, match="d_in >= 2"):
+        ka.enable_adapter(model, adapter, targets="proj")
+    assert not _has_adapter(layer)
+    assert ka.adapter_variables(model) == []
+
+
+@pytest.mark.parametrize("adapter", [ka.GOFT(scale=True), ka.QGOFT(0.01)], ids=repr)
+def test_mixed_precision_keeps_adapter_float32(adapter):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model, layer = build_dense(6, 3)
+        ka.enable_adapter(model, adapter, targets="proj")
+        randomize(layer, spread=0.1)
+        x = RNG.normal(size=(4, 6)).astype("float32")
+        outputs = model(x)
+        assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"
+        assert all(v.dtype == "float32" for v in ka.adapter_variables(model))
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        expected = x @ kernel + keras.ops.convert_to_numpy(layer.bias)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(keras.ops.cast(outputs, "float32")),
+            expected,
+            rtol=5e-2,
+            atol=5e-2,
+        )
+    finally:
+        keras.config.set_dtype_policy(previous)
