@@ -21,6 +21,10 @@ BATCH = 16
 # id -> a function returning a fresh adapter configuration.
 ADAPTERS = {
     "lora": lambda: ka.LoRA(rank=2, alpha=4, dropout=0.1),
+    "hut": lambda: ka.HUT(rank=2, alpha=4),
+    "goft": lambda: ka.GOFT(),
+    "goft_scaled": lambda: ka.GOFT(scale=True),
+    "qgoft": lambda: ka.QGOFT(orthogonality=1e-2),
 }
 
 

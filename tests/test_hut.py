@@ -114,7 +114,7 @@ def test_output_and_merge_match_formula(layout, rank, alpha):
 def test_zero_weights_stay_zero():
     # A multiplicative update cannot move a weight that is exactly zero.
     model, layer, x = build("dense")
-    kernel = np.asarray(layer._kernel)
+    kernel = np.array(layer._kernel)
     kernel[0] = 0.0
     layer._kernel.assign(kernel)
     ka.enable_adapter(model, ka.HUT(rank=2), targets="proj")
