@@ -12,6 +12,10 @@ from keras_adapters.adapters import Adapter
 from keras_adapters.adapters import LoRA
 from keras_adapters.adapters import SoftOrthogonality
 from keras_adapters.adapters import register_adapter
+from keras_adapters.export import ExportReport
+from keras_adapters.export import ExportVerificationError
+from keras_adapters.export import export_saved_model
+from keras_adapters.export import saved_model_variables
 from keras_adapters.model import AdapterReport
 from keras_adapters.model import adapted_layers
 from keras_adapters.model import adapter_variables
@@ -27,6 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "AdapterReport",
+    "ExportReport",
+    "ExportVerificationError",
     "GOFT",
     "HUT",
     "LoRA",
@@ -36,11 +42,13 @@ __all__ = [
     "adapter_variables",
     "attention",
     "enable_adapter",
+    "export_saved_model",
     "load_adapter_weights",
     "merge_adapters",
     "read_adapter_spec",
     "register_adapter",
     "save_adapter_weights",
+    "saved_model_variables",
 ]
 
 _MODEL_METHODS = {

@@ -1,0 +1,377 @@
+"""Merged SavedModel export, verified in a fresh process.
+
+`export_saved_model` exports a copy of the model with its adapters merged, so
+the SavedModel holds plain kernels: no adapter variables, no adapter ops, and
+nothing that needs keras_adapters to load.
+"""
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import keras
+import numpy as np
+
+from keras_adapters import model as adapter_model
+from keras_adapters import targeting
+
+# Runs in a fresh interpreter that only has TensorFlow: it loads the
+# SavedModel, calls `serving_default` on the saved inputs and saves outputs.
+_VERIFY_SCRIPT = """
+import sys
+sys.modules["keras_adapters"] = None  # the SavedModel must not need it
+import numpy as np
+import tensorflow as tf
+path, inputs_file, outputs_file = sys.argv[1:4]
+loaded = tf.saved_model.load(path)
+serve = loaded.signatures["serving_default"]
+inputs = dict(np.load(inputs_file))
+outputs = serve(**{k: tf.constant(v) for k, v in inputs.items()})
+np.savez(outputs_file, **{k: v.numpy() for k, v in outputs.items()})
+"""
+
+
+class ExportVerificationError(RuntimeError):
+    """The reloaded SavedModel does not reproduce the model's outputs."""
+
+
+@dataclasses.dataclass
+class ExportReport:
+    """What `export_saved_model` wrote and how it was checked.
+
+    Attributes:
+        path: the SavedModel directory.
+        merged_layers: paths of the layers whose adapters were merged.
+        inputs: `{name: (shape, dtype)}` of the `serving_default` signature.
+        num_variables: variables in the reloaded SavedModel.
+        num_parameters: their total size.
+        max_relative_difference: between the reloaded SavedModel and the
+            (unmerged) model on the verification inputs; None if not verified.
+        notes: anything worth knowing (e.g. "the model has no adapters").
+    """
+
+    path: str
+    merged_layers: list
+    inputs: dict
+    num_variables: int
+    num_parameters: int
+    max_relative_difference: float | None
+    notes: list
+
+    def __str__(self):
+        lines = [f"SavedModel at {self.path}"]
+        lines += [f"  input {n}: shape {s}, {d}" for n, (s, d) in self.inputs.items()]
+        lines.append(
+            f"  {len(self.merged_layers)} adapted layers merged; "
+            f"{self.num_variables} variables, {self.num_parameters:,} parameters"
+        )
+        if self.max_relative_difference is not None:
+            lines.append(
+                "  verified in a fresh process: max relative difference "
+                f"{self.max_relative_difference:.2e}"
+            )
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _model_inputs(model):
+    inputs = model.inputs
+    if not inputs:
+        raise ValueError(
+            f"Model '{model.name}' has no symbolic inputs (a subclassed model?); "
+            "pass `input_signature=` with one keras.InputSpec or "
+            "tf.TensorSpec per input."
+        )
+    return inputs
+
+
+def _sequence_bound(model):
+    backbone = getattr(model, "backbone", model)
+    return getattr(backbone, "max_sequence_length", None)
+
+
+def _signature(model, input_signature, sequence_length):
+    """`({name: (shape, dtype)}, polymorphic shape strings)`."""
+    import tensorflow as tf
+
+    if input_signature is not None:
+        if not isinstance(input_signature, dict) or not all(
+            isinstance(s, tf.TensorSpec) for s in input_signature.values()
+        ):
+            raise ValueError(
+                "`input_signature` must be a dict {input name: tf.TensorSpec}; "
+                f"received {input_signature!r}."
+            )
+        expected = sorted(i.name for i in model.inputs) if model.inputs else None
+        if expected is not None and sorted(input_signature) != expected:
+            raise ValueError(
+                f"`input_signature` names {sorted(input_signature)} do not match "
+                f"the model's inputs {expected}."
+            )
+        specs = {n: (tuple(s.shape), s.dtype.name) for n, s in input_signature.items()}
+    else:
+        specs = {i.name: (tuple(i.shape), i.dtype) for i in _model_inputs(model)}
+    if sequence_length is not None:
+        if not isinstance(sequence_length, int) or sequence_length < 1:
+            raise ValueError(
+                "`sequence_length` must be a positive int (fixed shapes) or None "
+                f"(dynamic); received {sequence_length!r}."
+            )
+        specs = {
+            n: ((shape[0], sequence_length, *shape[2:]) if len(shape) >= 2 else shape, d)
+            for n, (shape, d) in specs.items()
+        }
+    polymorphic = {}
+    for name, (shape, _) in specs.items():
+        dims = ["b"] + [
+            "s" if (i == 1 and d is None) else (str(d) if d is not None else f"d{i}")
+            for i, d in enumerate(shape[1:], start=1)
+        ]
+        polymorphic[name] = "(" + ", ".join(dims) + ")"
+    return specs, polymorphic
+
+
+def _sample_inputs(model, specs, batch_size=3, sequence_length=8):
+    backbone = getattr(model, "backbone", model)
+    vocabulary = getattr(backbone, "vocabulary_size", 2)
+    bound = _sequence_bound(model) or sequence_length
+    rng = np.random.default_rng(0)
+    samples = {}
+    for name, (shape, dtype) in specs.items():
+        concrete = [batch_size] + [
+            (min(sequence_length, bound) if d is None else d) for d in shape[1:]
+        ]
+        if "int" in str(dtype) or "bool" in str(dtype):
+            if "mask" in name:
+                value = np.ones(concrete)
+            elif "segment" in name:
+                value = np.zeros(concrete)
+            else:
+                value = rng.integers(0, min(vocabulary, 1000), concrete)
+        else:
+            value = rng.normal(size=concrete)
+        samples[name] = value.astype(dtype)
+    return samples
+
+
+def _plain_copy(model):
+    """A copy of `model` with the same weights and its adapters merged."""
+    config = keras.saving.serialize_keras_object(model)
+    copy = keras.saving.deserialize_keras_object(config)
+    source = {
+        targeting.relative_path(model.name, v.path): v for v in model.variables
+    }
+    for variable in copy.variables:
+        key = targeting.relative_path(copy.name, variable.path)
+        if key in source and tuple(source[key].shape) == tuple(variable.shape):
+            variable.assign(source[key])
+    merged = []
+    if adapter_model.adapter_groups(copy):
+        merged = adapter_model.merge_adapters(copy)
+    return copy, merged
+
+
+def export_saved_model(
+    model,
+    path,
+    *,
+    overwrite: bool = False,
+    input_signature=None,
+    sequence_length: int | None = None,
+    sample_inputs=None,
+    verify: bool = True,
+    tolerance: float = 1e-5,
+) -> ExportReport:
+    """Exports `model` with merged adapters as a TensorFlow SavedModel.
+
+    The adapters are merged into a copy of the weights: `model` keeps its
+    adapters and stays trainable. The SavedModel has a `serving_default`
+    signature whose inputs are named as the model's inputs; on both backends
+    the batch size and, for token inputs of shape `(batch, None)`, one
+    sequence length shared by all inputs are dynamic (bounded by a KerasHub
+    backbone's `max_sequence_length`). The export is written to a temporary
+    directory beside `path`, reloaded in a fresh Python process that cannot
+    import keras_adapters, compared with `model` on sample inputs, and only
+    then moved to `path`.
+
+    Args:
+        model: a built Keras model, with or without adapters (without, it is
+            exported as is, with a note in the report).
+        path: the SavedModel directory to create.
+        overwrite: replace an existing non-empty directory at `path`.
+        input_signature: `{input name: tf.TensorSpec}`; defaults to the
+            model's symbolic inputs.
+        sequence_length: export fixed shapes with this sequence length
+            instead of a dynamic one.
+        sample_inputs: `{input name: array}` for the verification; by default
+            random token ids (and all-ones masks) are made from the signature.
+        verify: reload and compare in a fresh process (recommended).
+        tolerance: the largest accepted relative difference.
+
+    Returns:
+        An `ExportReport`.
+
+    Raises:
+        ValueError: bad arguments, a model that is not built, or an existing
+            directory at `path` without `overwrite=True`.
+        ExportVerificationError: the reloaded SavedModel does not match; no
+            directory is left at `path`.
+
+    Example:
+
+    ```python
+    report = ka.export_saved_model(classifier, "serving/news")
+    print(report)
+    ```
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"Expected a Keras model, received {model!r}.")
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built; call it on data or build() first."
+        )
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"`path` must be a str or os.PathLike; received {path!r}.")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        if not overwrite:
+            raise ValueError(
+                f"{path!r} exists and is not an empty directory; pass "
+                "overwrite=True to replace it."
+            )
+    if not (isinstance(tolerance, (int, float)) and tolerance > 0):
+        raise ValueError(f"`tolerance` must be a positive number; received {tolerance!r}.")
+    specs, polymorphic = _signature(model, input_signature, sequence_length)
+    if sample_inputs is None:
+        sample_inputs = _sample_inputs(model, specs)
+    elif not isinstance(sample_inputs, dict) or sorted(sample_inputs) != sorted(specs):
+        raise ValueError(
+            f"`sample_inputs` must be a dict with the keys {sorted(specs)}; "
+            f"received {sample_inputs!r:.200}."
+        )
+    notes = []
+    if not adapter_model.adapter_groups(model):
+        notes.append("the model has no adapters; it was exported as is")
+    expected = np.asarray(model.predict(sample_inputs, verbose=0))
+    plain, merged = _plain_copy(model)
+
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + ".tmp-")
+    try:
+        _export(plain, staging, specs, polymorphic, sequence_length)
+        difference = None
+        if verify:
+            outputs = _run_in_fresh_process(staging, sample_inputs)
+            difference = _max_relative_difference(outputs, expected)
+            if not difference <= tolerance:
+                raise ExportVerificationError(
+                    f"The reloaded SavedModel differs from model '{model.name}' by "
+                    f"a relative {difference:.2e} (tolerance {tolerance:.0e}); "
+                    "nothing was written."
+                )
+        num_variables, num_parameters = _saved_variables(staging)
+        _move_into_place(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportReport(
+        path=path,
+        merged_layers=merged,
+        inputs={n: (s, str(d)) for n, (s, d) in specs.items()},
+        num_variables=num_variables,
+        num_parameters=num_parameters,
+        max_relative_difference=difference,
+        notes=notes,
+    )
+
+
+def _export(model, directory, specs, polymorphic, sequence_length):
+    import tensorflow as tf
+
+    signature = [
+        {n: tf.TensorSpec(shape, dtype, name=n) for n, (shape, dtype) in specs.items()}
+    ]
+    kwargs = {}
+    if keras.backend.backend() == "jax":
+        bound = _sequence_bound(model)
+        dynamic = any("s" in p.strip("()").split(", ") for p in polymorphic.values())
+        constraints = (f"s <= {bound}",) if bound and dynamic and not sequence_length else ()
+        kwargs["jax2tf_kwargs"] = {
+            "polymorphic_shapes": [polymorphic],
+            "polymorphic_constraints": constraints,
+            "with_gradient": False,
+        }
+    model.export(
+        directory,
+        format="tf_saved_model",
+        input_signature=signature,
+        verbose=False,
+        **kwargs,
+    )
+
+
+def _run_in_fresh_process(directory, sample_inputs):
+    with tempfile.TemporaryDirectory() as scratch:
+        inputs_file = os.path.join(scratch, "inputs.npz")
+        outputs_file = os.path.join(scratch, "outputs.npz")
+        np.savez(inputs_file, **sample_inputs)
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        result = subprocess.run(
+            [sys.executable, "-c", _VERIFY_SCRIPT, directory, inputs_file, outputs_file],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        if result.returncode != 0:
+            raise ExportVerificationError(
+                "Reloading the SavedModel in a fresh process failed:\n"
+                + result.stderr[-2000:]
+            )
+        with np.load(outputs_file) as outputs:
+            return [outputs[k] for k in sorted(outputs)]
+
+
+def _max_relative_difference(outputs, expected):
+    if len(outputs) != 1:
+        raise ExportVerificationError(
+            f"Expected one output from the SavedModel, received {len(outputs)}."
+        )
+    got = np.asarray(outputs[0], "float64")
+    want = np.asarray(expected, "float64")
+    if got.shape != want.shape:
+        raise ExportVerificationError(
+            f"The SavedModel's output has shape {got.shape}, the model's {want.shape}."
+        )
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12))
+
+
+def _saved_variables(directory):
+    """`(count, total size)` of the variables a SavedModel restores."""
+    shapes = saved_model_variables(directory)
+    return len(shapes), int(sum(np.prod(s) for s in shapes.values()))
+
+
+def _move_into_place(staging, path):
+    if os.path.exists(path):
+        backup = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".old-export-")
+        os.replace(path, os.path.join(backup, "old"))
+        os.replace(staging, path)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(staging, path)
+
+
+def saved_model_variables(path) -> dict:
+    """`{checkpoint key: shape}` of the variables a SavedModel holds."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+    return {
+        name: tuple(shape)
+        for name, shape in reader.get_variable_to_shape_map().items()
+        if name.endswith("/.ATTRIBUTES/VARIABLE_VALUE")
+    }

@@ -1,0 +1,123 @@
+"""Merged SavedModel export: verified, adapter-free, dynamic shapes."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from cases import MODELS
+
+import keras_adapters as ka
+from keras_adapters import export as export_module
+
+
+def _adapted(model_id, seed=0):
+    case = MODELS[model_id]
+    model = case.build(seed)
+    ka.enable_adapter(
+        model, ka.LoRA(rank=2), targets=case.targets, keep_trainable=case.keep_trainable
+    )
+    rng = np.random.default_rng(seed)
+    for variable in ka.adapter_variables(model):
+        variable.assign(rng.normal(scale=0.2, size=variable.shape))
+    return model
+
+
+def _serve(path, inputs):
+    loaded = tf.saved_model.load(path)
+    outputs = loaded.signatures["serving_default"](
+        **{k: tf.constant(v) for k, v in inputs.items()}
+    )
+    return loaded, next(iter(outputs.values())).numpy()
+
+
+@pytest.mark.parametrize("model_id", ["bert", "gemma", "llama"])
+def test_export_is_merged_verified_and_dynamic(tmp_path, model_id):
+    model = _adapted(model_id)
+    adapter_values = [keras.ops.convert_to_numpy(v) for v in ka.adapter_variables(model)]
+    report = ka.export_saved_model(model, tmp_path / "merged")
+    assert report.max_relative_difference <= 1e-5
+    assert len(report.merged_layers) == 4
+    assert sorted(report.inputs) == sorted(i.name for i in model.inputs)
+    # The user's model keeps its adapters, values and trainability.
+    assert len(ka.adapted_layers(model)) == 4
+    for variable, value in zip(ka.adapter_variables(model), adapter_values):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)
+        assert variable.trainable
+    # Same variables (names, count, parameters) as an export of the base model.
+    base = MODELS[model_id].build(0)
+    base_report = ka.export_saved_model(base, tmp_path / "base")
+    assert base_report.notes == ["the model has no adapters; it was exported as is"]
+    assert (report.num_variables, report.num_parameters) == (
+        base_report.num_variables,
+        base_report.num_parameters,
+    )
+    merged_names = sorted(v.name for v in tf.saved_model.load(report.path).variables)
+    base_names = sorted(v.name for v in tf.saved_model.load(base_report.path).variables)
+    assert merged_names == base_names
+    assert not any("lora" in name for name in merged_names)
+    # Dynamic batch and sequence length, shared by all inputs.
+    for batch, length in [(2, 5), (3, 8)]:
+        inputs = {
+            name: value[:batch, :length]
+            for name, value in MODELS[model_id].x.items()
+        }
+        if "segment_ids" in [i.name for i in model.inputs]:
+            inputs["segment_ids"] = np.zeros((batch, length), "int32")
+        _, served = _serve(report.path, inputs)
+        expected = np.asarray(model.predict(inputs, verbose=0))
+        np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_of_a_plain_functional_model_with_adapters(tmp_path):
+    model = _adapted("functional")
+    report = ka.export_saved_model(model, tmp_path / "functional")
+    _, served = _serve(report.path, {"features": MODELS["functional"].x})
+    np.testing.assert_allclose(
+        served, model.predict(MODELS["functional"].x, verbose=0), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_fixed_shapes_are_an_explicit_option(tmp_path):
+    model = _adapted("bert")
+    report = ka.export_saved_model(model, tmp_path / "fixed", sequence_length=8)
+    assert all(shape == (None, 8) for shape, _ in report.inputs.values())
+
+
+def test_existing_directory_is_refused_unless_overwrite(tmp_path):
+    model = _adapted("functional")
+    target = tmp_path / "serving"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    with pytest.raises(ValueError, match="exists and is not an empty directory"):
+        ka.export_saved_model(model, target)
+    assert os.listdir(target) == ["keep.txt"]
+    ka.export_saved_model(model, target, overwrite=True)
+    assert "saved_model.pb" in os.listdir(target)
+    assert sorted(os.listdir(tmp_path)) == ["serving"]
+
+
+def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
+    model = _adapted("functional")
+    monkeypatch.setattr(export_module, "_max_relative_difference", lambda a, b: 1.0)
+    with pytest.raises(ka.ExportVerificationError, match="differs from model"):
+        ka.export_saved_model(model, tmp_path / "bad")
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_arguments(tmp_path):
+    unbuilt = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="is not built"):
+        ka.export_saved_model(unbuilt, tmp_path / "x")
+    model = _adapted("bert")
+    wrong = {"tokens": tf.TensorSpec((None, None), tf.int32)}
+    with pytest.raises(ValueError, match=r"names \['tokens'\] do not match"):
+        ka.export_saved_model(model, tmp_path / "x", input_signature=wrong)
+    with pytest.raises(ValueError, match="must be a dict"):
+        ka.export_saved_model(model, tmp_path / "x", input_signature=[1])
+    with pytest.raises(ValueError, match="`sequence_length` must be a positive int"):
+        ka.export_saved_model(model, tmp_path / "x", sequence_length=0)
+    with pytest.raises(ValueError, match="`sample_inputs` must be a dict"):
+        ka.export_saved_model(model, tmp_path / "x", sample_inputs={"a": 1})
+    assert os.listdir(tmp_path) == []
