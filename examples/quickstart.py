@@ -11,18 +11,21 @@ data and a real pretrained model:
    block with `classifier.enable_adapter(...)`: only the adapters and the
    head stay trainable;
 4. fine-tune with `compile()` / `fit()`, as any Keras model;
-5. measure test accuracy again and save the adapter weights alone (a file of
-   a few MB instead of the model's ~90 MB);
+5. measure test accuracy again and save the adapter weights alone (with the
+   trained head: ~0.3 MB, where the whole model's weights take ~90 MB);
 6. merge the adapters into the base kernels (`ka.merge_adapters`), checking
    that predictions do not change;
-7. export the merged model as a TensorFlow SavedModel, reload it with
-   `tf.saved_model.load` and serve a few test articles.
+7. export the merged model as a TensorFlow SavedModel (plain BERT weights, no
+   adapter variables), reload it with `tf.saved_model.load` and serve a few
+   test articles.
 
-Choices: articles are cut to their first 128 tokens (the title and first
-paragraphs are plenty to tell a topic), the split is fixed (80% train / 20%
-test per class), and training runs one epoch over the 1,701 training articles
-at batch size 16 with AdamW (learning rate 1e-3), which takes a few minutes
-on 2 CPU cores.
+Choices, to finish in a few minutes on 2 CPU cores: articles are cut to
+their first 128 tokens (the title and first paragraphs are plenty to tell a
+topic); the split is fixed (80% train / 20% test per class, 1,701 / 426
+articles); training makes one pass over 1,024 shuffled training articles
+(64 steps of batch size 16) with AdamW at learning rate 2e-3. LoRA makes
+0.3% of the parameters trainable, so this is enough to go from chance (~20%)
+to over 95% test accuracy. `--quick` runs 4 steps on a tiny subset instead.
 
 Run from the repository root, with `KERAS_BACKEND=jax` or
 `KERAS_BACKEND=tensorflow`:
@@ -34,14 +37,15 @@ python examples/quickstart.py --quick  # smoke run on a tiny subset
 """
 
 import argparse
+import math
 import os
 import time
 
+import _bbc_minilm as bbc
 import keras
 import numpy as np
 import tensorflow as tf
 
-import _bbc_minilm as bbc
 import keras_adapters as ka
 
 INPUTS = ("token_ids", "segment_ids", "padding_mask")
@@ -102,17 +106,18 @@ def export_saved_model(model, path):
 
 def main():
     args = parse_args()
+    run_start = time.perf_counter()
     keras.utils.set_random_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     if args.quick:  # A tiny subset and a few steps: checks that all runs.
-        max_per_class, sequence_length, epochs, steps = 20, 64, 1, 4
+        max_per_class, sequence_length, train_steps = 20, 64, 4
     else:
-        max_per_class, sequence_length, epochs, steps = None, 128, 1, None
+        max_per_class, sequence_length, train_steps = None, 128, 64
     batch_size = 16
 
     # 1. Data and model. The split is fixed; `--seed` sets weights and dropout.
-    train_texts, train_labels, test_texts, test_labels, class_names = (
-        bbc.load_bbc_news(max_per_class=max_per_class)
+    train_texts, train_labels, test_texts, test_labels, class_names = bbc.load_bbc_news(
+        max_per_class=max_per_class
     )
     print(f"BBC News: {len(train_texts)} train / {len(test_texts)} test articles")
     print(f"Classes: {', '.join(class_names)}")
@@ -121,6 +126,10 @@ def main():
     )
     train = bbc.tokenize(preprocessor, train_texts, train_labels)
     test = bbc.tokenize(preprocessor, test_texts, test_labels)
+
+    model_bytes = sum(
+        math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in classifier.weights
+    )
 
     # 2. Accuracy before fine-tuning: the head is random.
     acc_before = accuracy(predict_logits(classifier, test), test["labels"])
@@ -135,20 +144,22 @@ def main():
 
     # 4. Fine-tune like any Keras model.
     classifier.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=1e-3),
+        optimizer=keras.optimizers.AdamW(learning_rate=2e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=True,
     )
-    start = time.perf_counter()
     # KerasHub's `fit` does not shuffle NumPy inputs, so shuffle with tf.data.
+    features = {k: train[k] for k in INPUTS}
     train_ds = (
-        tf.data.Dataset.from_tensor_slices(({k: train[k] for k in INPUTS}, train["labels"]))
+        tf.data.Dataset.from_tensor_slices((features, train["labels"]))
         .shuffle(len(train_texts), seed=args.seed)
         .batch(batch_size)
-        .take(steps or -1)
+        .take(train_steps)
     )
-    classifier.fit(train_ds, epochs=epochs, verbose=1)
+    # `shuffle=False`: `train_ds` shuffles itself (Keras warns otherwise).
+    start = time.perf_counter()
+    classifier.fit(train_ds, epochs=1, shuffle=False, verbose=1)
     fit_seconds = time.perf_counter() - start
 
     # 5. Accuracy after fine-tuning; save the adapters alone.
@@ -158,7 +169,6 @@ def main():
     adapter_path = os.path.join(args.output_dir, "bbc_news.lora.weights.h5")
     ka.save_adapter_weights(classifier, adapter_path)
     adapter_bytes = os.path.getsize(adapter_path)
-    model_bytes = sum(v.numpy().nbytes for v in classifier.weights if "lora" not in v.path)
     print(
         f"Adapter file {adapter_path}: {megabytes(adapter_bytes)} "
         f"(full model weights: {megabytes(model_bytes)})"
@@ -188,15 +198,21 @@ def main():
     }
     served = loaded.serve(batch).numpy()
     serve_diff = float(np.max(np.abs(served - merged_logits[:n])))
+    # The SavedModel holds the base model's parameters, none of the adapters'.
     lora_vars = [v.name for v in loaded.variables if "lora" in v.name]
+    weights = [v for v in loaded.variables if v.dtype.is_floating]
+    exported_params = sum(math.prod(v.shape) for v in weights)
+    base_params = report.total_params - report.adapter_params
     print(
         f"SavedModel {export_dir}: {megabytes(directory_size(export_dir))}, "
-        f"{len(loaded.variables)} variables, {len(lora_vars)} LoRA variables; "
-        f"serve() max |logit diff| on {n} articles = {serve_diff:.2e}"
+        f"{len(weights)} weight variables, {exported_params:,} parameters (base "
+        f"model: {base_params:,}), {len(lora_vars)} LoRA variables"
     )
-    for text, label in zip(test_texts[:3], served.argmax(-1)):
+    print(f"serve() on {n} test articles: max |logit diff| = {serve_diff:.2e}")
+    for text, label in zip(test_texts[:3], served.argmax(-1), strict=False):
         print(f"  {class_names[label]:>13}: {text.splitlines()[0]}")
-    export_ok = not lora_vars and serve_diff <= 1e-4 * np.max(np.abs(served))
+    export_ok = not lora_vars and exported_params == base_params
+    export_ok = export_ok and serve_diff <= 1e-4 * np.max(np.abs(served))
     if not export_ok:
         raise AssertionError("The SavedModel does not match the merged model.")
 
@@ -205,12 +221,15 @@ def main():
         ("backend", keras.backend.backend()),
         ("test accuracy before", f"{acc_before:.2%}"),
         ("test accuracy after", f"{acc_after:.2%}"),
-        ("trainable / total params", f"{report.trainable_params:,} / "
-         f"{report.total_params:,}"),
+        (
+            "trainable / total params",
+            f"{report.trainable_params:,} / {report.total_params:,}",
+        ),
         ("fit wall time", f"{fit_seconds:.0f} s"),
         ("adapter file", f"{megabytes(adapter_bytes)} vs {megabytes(model_bytes)}"),
-        ("merge max |logit diff|", f"{max_diff:.2e}"),
+        ("merge max |logit diff|", f"{max_diff:.2e} (relative {rel_diff:.1e})"),
         ("SavedModel serve check", "ok" if export_ok else "FAILED"),
+        ("total wall time", f"{time.perf_counter() - run_start:.0f} s"),
     ]
     print("\nSummary")
     for key, value in rows:

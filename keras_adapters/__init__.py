@@ -5,6 +5,7 @@ methods `enable_adapter`, `merge_adapters`, `save_adapter_weights` and
 `load_adapter_weights` (never replacing a KerasHub method of the same name).
 """
 
+from keras_adapters import optimizers
 from keras_adapters.adapters import GOFT
 from keras_adapters.adapters import HUT
 from keras_adapters.adapters import QGOFT
@@ -16,11 +17,14 @@ from keras_adapters.export import ExportReport
 from keras_adapters.export import ExportVerificationError
 from keras_adapters.export import export_saved_model
 from keras_adapters.export import saved_model_variables
+from keras_adapters.finetuning import FineTuningReport
+from keras_adapters.finetuning import attention_full
 from keras_adapters.model import AdapterReport
 from keras_adapters.model import adapted_layers
 from keras_adapters.model import adapter_variables
 from keras_adapters.model import enable_adapter
 from keras_adapters.model import merge_adapters
+from keras_adapters.optimizers import role
 from keras_adapters.saving import load_adapter_weights
 from keras_adapters.saving import read_adapter_spec
 from keras_adapters.saving import save_adapter_weights
@@ -31,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "AdapterReport",
+    "FineTuningReport",
     "ExportReport",
     "ExportVerificationError",
     "GOFT",
@@ -41,12 +46,15 @@ __all__ = [
     "adapted_layers",
     "adapter_variables",
     "attention",
+    "attention_full",
     "enable_adapter",
     "export_saved_model",
     "load_adapter_weights",
     "merge_adapters",
+    "optimizers",
     "read_adapter_spec",
     "register_adapter",
+    "role",
     "save_adapter_weights",
     "saved_model_variables",
 ]

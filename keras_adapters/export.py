@@ -25,7 +25,9 @@ import sys
 sys.modules["keras_adapters"] = None  # the SavedModel must not need it
 import numpy as np
 import tensorflow as tf
-path, inputs_file, outputs_file = sys.argv[1:4]
+path, inputs_file, outputs_file, needs_text_ops = sys.argv[1:5]
+if needs_text_ops == "1":
+    import tensorflow_text  # registers the tokenizer ops  # noqa: F401
 loaded = tf.saved_model.load(path)
 serve = loaded.signatures["serving_default"]
 inputs = dict(np.load(inputs_file))
@@ -182,6 +184,7 @@ def export_saved_model(
     input_signature=None,
     sequence_length: int | None = None,
     sample_inputs=None,
+    preprocessor=None,
     verify: bool = True,
     tolerance: float = 1e-5,
 ) -> ExportReport:
@@ -208,6 +211,12 @@ def export_saved_model(
             instead of a dynamic one.
         sample_inputs: `{input name: array}` for the verification; by default
             random token ids (and all-ones masks) are made from the signature.
+            With a preprocessor: `{"texts": array of str}`.
+        preprocessor: a KerasHub preprocessor to put in front of the model
+            (`True`: the model's own `preprocessor`), so the SavedModel takes
+            raw strings: `serving_default(texts=<string tensor (batch,)>)`.
+            TensorFlow backend only: its tokenizers are TensorFlow Text ops,
+            which export; on JAX tokenize in the serving client instead.
         verify: reload and compare in a fresh process (recommended).
         tolerance: the largest accepted relative difference.
 
@@ -244,8 +253,13 @@ def export_saved_model(
             )
     if not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise ValueError(f"`tolerance` must be a positive number; received {tolerance!r}.")
+    preprocessor = _check_preprocessor(model, preprocessor)
     specs, polymorphic = _signature(model, input_signature, sequence_length)
-    if sample_inputs is None:
+    if preprocessor is not None:
+        specs = {"texts": ((None,), "string")}
+    if sample_inputs is None and preprocessor is not None:
+        sample_inputs = {"texts": np.array(["a b c", "hello world", "x"])}
+    elif sample_inputs is None:
         sample_inputs = _sample_inputs(model, specs)
     elif not isinstance(sample_inputs, dict) or sorted(sample_inputs) != sorted(specs):
         raise ValueError(
@@ -253,19 +267,33 @@ def export_saved_model(
             f"received {sample_inputs!r:.200}."
         )
     notes = []
+    if preprocessor is not None:
+        notes.append(
+            "the SavedModel contains TensorFlow Text ops: `import tensorflow_text` "
+            "before tf.saved_model.load (TF Serving: use a build with TF Text)"
+        )
     if not adapter_model.adapter_groups(model):
         notes.append("the model has no adapters; it was exported as is")
-    expected = np.asarray(model.predict(sample_inputs, verbose=0))
+    if preprocessor is not None:
+        features = preprocessor(sample_inputs["texts"])
+        expected = np.asarray(keras.ops.convert_to_numpy(model(features)))
+    else:
+        expected = np.asarray(model.predict(sample_inputs, verbose=0))
     plain, merged = _plain_copy(model)
 
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + ".tmp-")
     try:
-        _export(plain, staging, specs, polymorphic, sequence_length)
+        if preprocessor is not None:
+            _export_with_preprocessor(plain, preprocessor, staging)
+        else:
+            _export(plain, staging, specs, polymorphic, sequence_length)
         difference = None
         if verify:
-            outputs = _run_in_fresh_process(staging, sample_inputs)
+            outputs = _run_in_fresh_process(
+                staging, sample_inputs, needs_text_ops=preprocessor is not None
+            )
             difference = _max_relative_difference(outputs, expected)
             if not difference <= tolerance:
                 raise ExportVerificationError(
@@ -314,14 +342,64 @@ def _export(model, directory, specs, polymorphic, sequence_length):
     )
 
 
-def _run_in_fresh_process(directory, sample_inputs):
+def _check_preprocessor(model, preprocessor):
+    if preprocessor is None or preprocessor is False:
+        return None
+    if preprocessor is True:
+        preprocessor = getattr(model, "preprocessor", None)
+        if preprocessor is None:
+            raise ValueError(
+                f"Model '{model.name}' has no preprocessor; pass one as "
+                "`preprocessor=` or leave it out to export the tokenized inputs."
+            )
+    if not isinstance(preprocessor, keras.layers.Layer):
+        raise ValueError(
+            "`preprocessor` must be a KerasHub preprocessor layer or True; "
+            f"received {preprocessor!r}."
+        )
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "Exporting with a preprocessor (raw strings in) needs the TensorFlow "
+            "backend: KerasHub tokenizers are TensorFlow Text ops, which the "
+            f"{keras.backend.backend()} backend cannot trace into a SavedModel. "
+            "Export without `preprocessor` and tokenize in the serving client, "
+            "or export under KERAS_BACKEND=tensorflow."
+        )
+    return preprocessor
+
+
+def _export_with_preprocessor(model, preprocessor, directory):
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.track(preprocessor)
+
+    def serve(texts):
+        return model(preprocessor(texts), training=False)
+
+    archive.add_endpoint(
+        "serve", serve, input_signature=[tf.TensorSpec((None,), tf.string, name="texts")]
+    )
+    archive.write_out(directory, verbose=False)
+
+
+def _run_in_fresh_process(directory, sample_inputs, needs_text_ops=False):
     with tempfile.TemporaryDirectory() as scratch:
         inputs_file = os.path.join(scratch, "inputs.npz")
         outputs_file = os.path.join(scratch, "outputs.npz")
         np.savez(inputs_file, **sample_inputs)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         result = subprocess.run(
-            [sys.executable, "-c", _VERIFY_SCRIPT, directory, inputs_file, outputs_file],
+            [
+                sys.executable,
+                "-c",
+                _VERIFY_SCRIPT,
+                directory,
+                inputs_file,
+                outputs_file,
+                "1" if needs_text_ops else "0",
+            ],
             capture_output=True,
             text=True,
             env=env,

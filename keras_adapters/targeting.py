@@ -24,16 +24,22 @@ ATTENTION_ROLES = ("query", "key", "value", "attention_output")
 # Gemma, Llama, Mistral and Qwen use their own attention layers, with the same
 # names. The aliases cover architectures that use the Hugging Face names.
 _ROLE_NAMES = {
-    "query": ("query", "query_dense", "q_proj", "q"),
-    "key": ("key", "key_dense", "k_proj", "k"),
-    "value": ("value", "value_dense", "v_proj", "v"),
+    "query": ("query", "query_dense", "q_proj", "q", "query_proj"),
+    "key": ("key", "key_dense", "k_proj", "k", "key_proj"),
+    "value": ("value", "value_dense", "v_proj", "v", "value_proj"),
     "attention_output": (
         "attention_output",
         "output_dense",
         "o_proj",
         "out_proj",
+        "output_proj",
     ),
 }
+# Bloom and Falcon name their projections `query_dense`, ..., `output_dense`;
+# SmolLM3 `q_proj`, ..., `o_proj`; the ViTs of PaliGemma and Gemma 3
+# `query_proj`, ..., `out_proj`. GPT-NeoX fuses Q, K and V into one
+# `query_key_value` kernel, which has no single role (only its
+# `attention_output` resolves).
 
 
 def _is_attention_layer(layer):

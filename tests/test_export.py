@@ -1,6 +1,7 @@
 """Merged SavedModel export: verified, adapter-free, dynamic shapes."""
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -32,6 +33,14 @@ def _serve(path, inputs):
     return loaded, next(iter(outputs.values())).numpy()
 
 
+def _variable_names(path):
+    # Auto-numbered names (seed_generator_7) differ between two models.
+    return sorted(
+        re.sub(r"_\d+(?=[/:])", "", v.name)
+        for v in tf.saved_model.load(path).variables
+    )
+
+
 @pytest.mark.parametrize("model_id", ["bert", "gemma", "llama"])
 def test_export_is_merged_verified_and_dynamic(tmp_path, model_id):
     model = _adapted(model_id)
@@ -53,8 +62,8 @@ def test_export_is_merged_verified_and_dynamic(tmp_path, model_id):
         base_report.num_variables,
         base_report.num_parameters,
     )
-    merged_names = sorted(v.name for v in tf.saved_model.load(report.path).variables)
-    base_names = sorted(v.name for v in tf.saved_model.load(base_report.path).variables)
+    merged_names = _variable_names(report.path)
+    base_names = _variable_names(base_report.path)
     assert merged_names == base_names
     assert not any("lora" in name for name in merged_names)
     # Dynamic batch and sequence length, shared by all inputs.
@@ -121,3 +130,56 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="`sample_inputs` must be a dict"):
         ka.export_saved_model(model, tmp_path / "x", sample_inputs={"a": 1})
     assert os.listdir(tmp_path) == []
+
+
+def _classifier_with_preprocessor():
+    import keras_hub
+
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "goal", "bank"]
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        tokenizer, sequence_length=8
+    )
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=len(vocabulary),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+    )
+    classifier = keras_hub.models.BertTextClassifier(
+        backbone=backbone, num_classes=2, preprocessor=preprocessor
+    )
+    classifier.enable_adapter(ka.LoRA(rank=2))
+    for variable in ka.adapter_variables(classifier):
+        variable.assign(np.full(variable.shape, 0.3))
+    return classifier
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="raw-string export needs the TensorFlow backend",
+)
+def test_export_with_preprocessor_takes_raw_strings(tmp_path):
+    classifier = _classifier_with_preprocessor()
+    report = ka.export_saved_model(classifier, tmp_path / "text", preprocessor=True)
+    assert report.inputs == {"texts": ((None,), "string")}
+    import tensorflow_text  # noqa: F401  (the tokenizer ops)
+
+    texts = np.array(["goal goal", "bank", "unknown words here"])
+    _, served = _serve(report.path, {"texts": texts})
+    np.testing.assert_allclose(
+        served, classifier.predict(texts, verbose=0), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "tensorflow", reason="the error is for other backends"
+)
+def test_export_with_preprocessor_explains_the_backend_limit(tmp_path):
+    classifier = _classifier_with_preprocessor()
+    with pytest.raises(ValueError, match="needs the TensorFlow backend"):
+        ka.export_saved_model(classifier, tmp_path / "text", preprocessor=True)
+    with pytest.raises(ValueError, match="has no preprocessor"):
+        ka.export_saved_model(_adapted("bert"), tmp_path / "x", preprocessor=True)
