@@ -123,7 +123,10 @@ def _signature(model, input_signature, sequence_length):
                 f"(dynamic); received {sequence_length!r}."
             )
         specs = {
-            n: ((shape[0], sequence_length, *shape[2:]) if len(shape) >= 2 else shape, d)
+            n: (
+                (shape[0], sequence_length, *shape[2:]) if len(shape) >= 2 else shape,
+                d,
+            )
             for n, (shape, d) in specs.items()
         }
     polymorphic = {}
@@ -163,9 +166,7 @@ def _plain_copy(model):
     """A copy of `model` with the same weights and its adapters merged."""
     config = keras.saving.serialize_keras_object(model)
     copy = keras.saving.deserialize_keras_object(config)
-    source = {
-        targeting.relative_path(model.name, v.path): v for v in model.variables
-    }
+    source = {targeting.relative_path(model.name, v.path): v for v in model.variables}
     for variable in copy.variables:
         key = targeting.relative_path(copy.name, variable.path)
         if key in source and tuple(source[key].shape) == tuple(variable.shape):
@@ -252,7 +253,9 @@ def export_saved_model(
                 "overwrite=True to replace it."
             )
     if not (isinstance(tolerance, (int, float)) and tolerance > 0):
-        raise ValueError(f"`tolerance` must be a positive number; received {tolerance!r}.")
+        raise ValueError(
+            f"`tolerance` must be a positive number; received {tolerance!r}."
+        )
     preprocessor = _check_preprocessor(model, preprocessor)
     specs, polymorphic = _signature(model, input_signature, sequence_length)
     if preprocessor is not None:
@@ -327,7 +330,9 @@ def _export(model, directory, specs, polymorphic, sequence_length):
     if keras.backend.backend() == "jax":
         bound = _sequence_bound(model)
         dynamic = any("s" in p.strip("()").split(", ") for p in polymorphic.values())
-        constraints = (f"s <= {bound}",) if bound and dynamic and not sequence_length else ()
+        constraints = (
+            (f"s <= {bound}",) if bound and dynamic and not sequence_length else ()
+        )
         kwargs["jax2tf_kwargs"] = {
             "polymorphic_shapes": [polymorphic],
             "polymorphic_constraints": constraints,
@@ -379,7 +384,9 @@ def _export_with_preprocessor(model, preprocessor, directory):
         return model(preprocessor(texts), training=False)
 
     archive.add_endpoint(
-        "serve", serve, input_signature=[tf.TensorSpec((None,), tf.string, name="texts")]
+        "serve",
+        serve,
+        input_signature=[tf.TensorSpec((None,), tf.string, name="texts")],
     )
     archive.write_out(directory, verbose=False)
 

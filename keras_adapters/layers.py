@@ -69,7 +69,9 @@ class KernelView:
             self.equation = None
             in_axes, out_axes = [0], [1]
         self.perm = tuple(in_axes + out_axes)
-        self.inverse_perm = tuple(sorted(range(len(self.perm)), key=self.perm.__getitem__))
+        self.inverse_perm = tuple(
+            sorted(range(len(self.perm)), key=self.perm.__getitem__)
+        )
         self.in_shape = tuple(kernel_shape[i] for i in in_axes)
         self.out_shape = tuple(kernel_shape[i] for i in out_axes)
         self.d_in = math.prod(self.in_shape)

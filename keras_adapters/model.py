@@ -82,7 +82,7 @@ class AdapterReport:
             for path, cls, shape, d, p in self.adapted
         ]
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
-        line = "  ".join("{:<%d}" % w for w in widths)
+        line = "  ".join(f"{{:<{w}}}" for w in widths)
         out = [f"Adapter '{self.name}': {self.adapter!r}", line.format(*header)]
         out += [line.format(*r) for r in rows]
         for path, reason in self.skipped:
@@ -212,9 +212,11 @@ def enable_adapter(
     if targets is None:
         targets = targeting.attention("query", "value")
     hits = targeting.resolve_targets(root, targets)
-    kept_layers = [] if keep_trainable is None else [
-        layer for layer, _ in targeting.resolve_targets(model, keep_trainable)
-    ]
+    kept_layers = (
+        []
+        if keep_trainable is None
+        else [layer for layer, _ in targeting.resolve_targets(model, keep_trainable)]
+    )
 
     plan, skipped = [], []
     for layer, _ in hits:
@@ -246,8 +248,12 @@ def enable_adapter(
     group = AdapterGroup(
         name=name,
         adapter=adapter,
-        layer_paths=tuple(targeting.relative_path(root.name, layer.path) for layer, _ in plan),
-        keep_trainable_paths=tuple(targeting.relative_path(model.name, k.path) for k in kept_layers),
+        layer_paths=tuple(
+            targeting.relative_path(root.name, layer.path) for layer, _ in plan
+        ),
+        keep_trainable_paths=tuple(
+            targeting.relative_path(model.name, k.path) for k in kept_layers
+        ),
     )
     state.groups.append(group)
     if not isinstance(model, _AdaptedModel):
@@ -385,9 +391,7 @@ def enable_groups(model, groups):
             model,
             group.adapter,
             targets=targeting.PathsTarget(group.layer_paths, root.name),
-            keep_trainable=(
-                targeting.PathsTarget(keep, model.name) if keep else None
-            ),
+            keep_trainable=(targeting.PathsTarget(keep, model.name) if keep else None),
             name=group.name,
         )
 

@@ -132,7 +132,8 @@ def attention(*roles: str) -> AttentionTarget:
     for role in roles:
         if role not in ATTENTION_ROLES:
             raise ValueError(
-                f"Unknown attention role {role!r}; the roles are {list(ATTENTION_ROLES)}."
+                f"Unknown attention role {role!r}; the roles are "
+                f"{list(ATTENTION_ROLES)}."
             )
     return AttentionTarget(roles)
 
@@ -141,7 +142,9 @@ def _string_matcher(pattern):
     try:
         compiled = re.compile(pattern)
     except re.error as error:
-        raise ValueError(f"Target {pattern!r} is not a valid regular expression: {error}.") from None
+        raise ValueError(
+            f"Target {pattern!r} is not a valid regular expression: {error}."
+        ) from None
 
     def matches(layer, parent):
         return layer.name == pattern or (

@@ -23,7 +23,9 @@ import keras_adapters as ka  # noqa: E402
 
 def main(directory):
     failures = []
-    names = sorted(f[: -len(".npz")] for f in os.listdir(directory) if f.endswith(".npz"))
+    names = sorted(
+        f[: -len(".npz")] for f in os.listdir(directory) if f.endswith(".npz")
+    )
     for name in names:
         model_id = name.split("-")[1]
         data = np.load(os.path.join(directory, f"{name}.npz"))

@@ -141,7 +141,9 @@ def test_adapter_file_round_trip_into_fresh_model(trained):
     fresh = _fresh_base(trained)
     ka.load_adapter_weights(fresh, trained.adapter_file)
     case = MODELS[trained.model_id]
-    np.testing.assert_allclose(predict(fresh, case.x), trained.outputs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        predict(fresh, case.x), trained.outputs, rtol=1e-5, atol=1e-5
+    )
     restored = _numpy_by_path(ka.adapter_variables(fresh), fresh.name)
     trained_values = _numpy_by_path(
         ka.adapter_variables(trained.model), trained.model.name
@@ -179,7 +181,9 @@ def test_keras_file_round_trip_keeps_adapters(trained, tmp_path):
     trained.model.save(path)
     loaded = keras.saving.load_model(path)
     case = MODELS[trained.model_id]
-    np.testing.assert_allclose(predict(loaded, case.x), trained.outputs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        predict(loaded, case.x), trained.outputs, rtol=1e-5, atol=1e-5
+    )
     assert [g.adapter for g in ka.model.adapter_groups(loaded)] == [
         ADAPTERS[trained.adapter_id]()
     ]

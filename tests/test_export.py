@@ -36,22 +36,25 @@ def _serve(path, inputs):
 def _variable_names(path):
     # Auto-numbered names (seed_generator_7) differ between two models.
     return sorted(
-        re.sub(r"_\d+(?=[/:])", "", v.name)
-        for v in tf.saved_model.load(path).variables
+        re.sub(r"_\d+(?=[/:])", "", v.name) for v in tf.saved_model.load(path).variables
     )
 
 
 @pytest.mark.parametrize("model_id", ["bert", "gemma", "llama"])
 def test_export_is_merged_verified_and_dynamic(tmp_path, model_id):
     model = _adapted(model_id)
-    adapter_values = [keras.ops.convert_to_numpy(v) for v in ka.adapter_variables(model)]
+    adapter_values = [
+        keras.ops.convert_to_numpy(v) for v in ka.adapter_variables(model)
+    ]
     report = ka.export_saved_model(model, tmp_path / "merged")
     assert report.max_relative_difference <= 1e-5
     assert len(report.merged_layers) == 4
     assert sorted(report.inputs) == sorted(i.name for i in model.inputs)
     # The user's model keeps its adapters, values and trainability.
     assert len(ka.adapted_layers(model)) == 4
-    for variable, value in zip(ka.adapter_variables(model), adapter_values):
+    for variable, value in zip(
+        ka.adapter_variables(model), adapter_values, strict=True
+    ):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)
         assert variable.trainable
     # Same variables (names, count, parameters) as an export of the base model.
@@ -69,8 +72,7 @@ def test_export_is_merged_verified_and_dynamic(tmp_path, model_id):
     # Dynamic batch and sequence length, shared by all inputs.
     for batch, length in [(2, 5), (3, 8)]:
         inputs = {
-            name: value[:batch, :length]
-            for name, value in MODELS[model_id].x.items()
+            name: value[:batch, :length] for name, value in MODELS[model_id].x.items()
         }
         if "segment_ids" in [i.name for i in model.inputs]:
             inputs["segment_ids"] = np.zeros((batch, length), "int32")

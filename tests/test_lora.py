@@ -67,9 +67,13 @@ def test_lora_output_and_merge_match_numpy(layer_id, use_rslora):
     adapted_kernel = from_matrix(to_matrix(kernel) + scale * a @ b, kernel.shape)
     expected = _model_output_with_kernel(layer, x, adapted_kernel)
     np.testing.assert_allclose(_numpy(model(x)), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(_numpy(layer.kernel), adapted_kernel, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _numpy(layer.kernel), adapted_kernel, rtol=1e-5, atol=1e-6
+    )
     ka.merge_adapters(model)
-    np.testing.assert_allclose(_numpy(layer._kernel), adapted_kernel, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _numpy(layer._kernel), adapted_kernel, rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(_numpy(model(x)), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -130,9 +134,10 @@ def test_config_round_trip_and_registry():
     assert data["method"] == "lora"
     restored = Adapter.deserialize(data)
     assert restored == lora and restored.get_config() == lora.get_config()
-    assert keras.saving.deserialize_keras_object(
-        keras.saving.serialize_keras_object(lora)
-    ) == lora
+    assert (
+        keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(lora))
+        == lora
+    )
     assert lora.scale == pytest.approx(8 / 2)
     assert ka.LoRA(rank=4).scale == 1.0
     with pytest.raises(ValueError, match="Unknown adapter method 'dora'"):

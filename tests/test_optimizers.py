@@ -424,5 +424,7 @@ def test_bad_optimizer_and_arguments():
     ],
 )
 def test_bad_recipe_ratio(recipe):
-    with pytest.raises(ValueError, match=r"_ratio` must be a finite number > 0|`ratio`"):
+    with pytest.raises(
+        ValueError, match=r"_ratio` must be a finite number > 0|`ratio`"
+    ):
         recipe(keras.optimizers.SGD())

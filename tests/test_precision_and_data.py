@@ -32,7 +32,9 @@ def _fit(model, case, epochs=3, x=None):
 
 @pytest.mark.parametrize("adapter_id", sorted(ADAPTERS))
 @pytest.mark.parametrize("policy_name", ["mixed_bfloat16", "mixed_float16"])
-def test_mixed_precision_training_keeps_adapters_float32(policy, adapter_id, policy_name):
+def test_mixed_precision_training_keeps_adapters_float32(
+    policy, adapter_id, policy_name
+):
     policy(policy_name)
     case = MODELS["bert"]
     model = case.build(0)

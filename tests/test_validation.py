@@ -26,7 +26,7 @@ def _assert_unchanged(model, snapshot):
     assert cls is snapshot[0]
     assert paths == snapshot[3]
     assert flags == snapshot[2]
-    for a, b in zip(values, snapshot[1]):
+    for a, b in zip(values, snapshot[1], strict=True):
         np.testing.assert_array_equal(a, b)
     assert ka.adapted_layers(model) == []
 
@@ -207,7 +207,7 @@ def test_loading_other_adapters_into_an_adapted_model_fails(tmp_path):
     values = [keras.ops.convert_to_numpy(v).copy() for v in model.weights]
     with pytest.raises(ValueError, match="already has adapters"):
         ka.load_adapter_weights(model, path)
-    for a, b in zip(model.weights, values):
+    for a, b in zip(model.weights, values, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), b)
 
 

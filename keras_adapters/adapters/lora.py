@@ -53,8 +53,9 @@ class LoRA(Adapter):
     Example:
 
     >>> import keras_adapters as ka
-    >>> ka.LoRA(rank=8, alpha=16)
-    LoRA(rank=8, alpha=16, use_rslora=False, dropout=0.0, a_initializer='kaiming', b_initializer='zeros')
+    >>> lora = ka.LoRA(rank=8, alpha=16, use_rslora=True)
+    >>> lora.scale  # alpha / sqrt(rank)
+    5.656854249492381
 
     Reference:
         Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models",
@@ -80,7 +81,9 @@ class LoRA(Adapter):
             raise ValueError(f"`use_rslora` must be a bool; received {use_rslora!r}.")
         _check_number("dropout", dropout, 0, "a float in [0, 1)")
         if dropout >= 1:
-            raise ValueError(f"`dropout` must be a float in [0, 1); received {dropout!r}.")
+            raise ValueError(
+                f"`dropout` must be a float in [0, 1); received {dropout!r}."
+            )
         self.rank = rank
         self.alpha = alpha
         self.use_rslora = use_rslora
@@ -121,10 +124,16 @@ class LoRA(Adapter):
 
     def build(self, layer, view):
         self.add_variable(
-            layer, "lora_a", (view.d_in, self.rank), self._initializer(self.a_initializer)
+            layer,
+            "lora_a",
+            (view.d_in, self.rank),
+            self._initializer(self.a_initializer),
         )
         self.add_variable(
-            layer, "lora_b", (self.rank, view.d_out), self._initializer(self.b_initializer)
+            layer,
+            "lora_b",
+            (self.rank, view.d_out),
+            self._initializer(self.b_initializer),
         )
         if self.dropout > 0:
             layer._keras_adapters_seed = keras.random.SeedGenerator()
