@@ -16,7 +16,6 @@ from keras_adapters.adapters import register_adapter
 from keras_adapters.export import ExportReport
 from keras_adapters.export import ExportVerificationError
 from keras_adapters.export import export_saved_model
-from keras_adapters.export import saved_model_variables
 from keras_adapters.finetuning import FineTuningReport
 from keras_adapters.finetuning import attention_full
 from keras_adapters.model import AdapterReport
@@ -56,7 +55,6 @@ __all__ = [
     "register_adapter",
     "role",
     "save_adapter_weights",
-    "saved_model_variables",
 ]
 
 _MODEL_METHODS = {

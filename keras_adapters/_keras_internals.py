@@ -149,3 +149,13 @@ def reset_compiled_functions(model):
     for name in ("train_function", "test_function", "predict_function"):
         if hasattr(model, name):
             setattr(model, name, None)
+
+
+def variable_layout(variable):
+    """The `keras.distribution` layout a variable was created with, or None.
+
+    On JAX, a variable created while a distribution is active keeps the
+    `TensorLayout` it was given (`Variable(layout=...)` or the distribution's
+    `get_variable_layout`) in `_layout`.
+    """
+    return getattr(variable, "_layout", None)

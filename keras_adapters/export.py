@@ -32,7 +32,12 @@ loaded = tf.saved_model.load(path)
 serve = loaded.signatures["serving_default"]
 inputs = dict(np.load(inputs_file))
 outputs = serve(**{k: tf.constant(v) for k, v in inputs.items()})
-np.savez(outputs_file, **{k: v.numpy() for k, v in outputs.items()})
+sizes = [int(np.prod(v.shape)) for v in loaded.variables]
+np.savez(
+    outputs_file,
+    __variables__=np.array([len(sizes), sum(sizes)]),
+    **{k: v.numpy() for k, v in outputs.items()},
+)
 """
 
 
@@ -277,11 +282,11 @@ def export_saved_model(
         )
     if not adapter_model.adapter_groups(model):
         notes.append("the model has no adapters; it was exported as is")
+    # Called directly: `predict` would run a Task's own preprocessor.
+    features = sample_inputs
     if preprocessor is not None:
         features = preprocessor(sample_inputs["texts"])
-        expected = np.asarray(keras.ops.convert_to_numpy(model(features)))
-    else:
-        expected = np.asarray(model.predict(sample_inputs, verbose=0))
+    expected = keras.ops.convert_to_numpy(model(features, training=False))
     plain, merged = _plain_copy(model)
 
     parent = os.path.dirname(path)
@@ -294,7 +299,7 @@ def export_saved_model(
             _export(plain, staging, specs, polymorphic, sequence_length)
         difference = None
         if verify:
-            outputs = _run_in_fresh_process(
+            outputs, (num_variables, num_parameters) = _run_in_fresh_process(
                 staging, sample_inputs, needs_text_ops=preprocessor is not None
             )
             difference = _max_relative_difference(outputs, expected)
@@ -304,7 +309,10 @@ def export_saved_model(
                     f"a relative {difference:.2e} (tolerance {tolerance:.0e}); "
                     "nothing was written."
                 )
-        num_variables, num_parameters = _saved_variables(staging)
+        else:
+            num_variables, num_parameters = _loaded_variables(
+                staging, needs_text_ops=preprocessor is not None
+            )
         _move_into_place(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -417,7 +425,8 @@ def _run_in_fresh_process(directory, sample_inputs, needs_text_ops=False):
                 + result.stderr[-2000:]
             )
         with np.load(outputs_file) as outputs:
-            return [outputs[k] for k in sorted(outputs)]
+            counts = tuple(int(c) for c in outputs["__variables__"])
+            return [outputs[k] for k in sorted(outputs) if k != "__variables__"], counts
 
 
 def _max_relative_difference(outputs, expected):
@@ -434,10 +443,14 @@ def _max_relative_difference(outputs, expected):
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12))
 
 
-def _saved_variables(directory):
-    """`(count, total size)` of the variables a SavedModel restores."""
-    shapes = saved_model_variables(directory)
-    return len(shapes), int(sum(np.prod(s) for s in shapes.values()))
+def _loaded_variables(directory, needs_text_ops=False):
+    """`(count, total size)` of the variables of a SavedModel."""
+    import tensorflow as tf
+
+    if needs_text_ops:
+        import tensorflow_text  # noqa: F401
+    sizes = [int(np.prod(v.shape)) for v in tf.saved_model.load(directory).variables]
+    return len(sizes), sum(sizes)
 
 
 def _move_into_place(staging, path):
@@ -448,15 +461,3 @@ def _move_into_place(staging, path):
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.replace(staging, path)
-
-
-def saved_model_variables(path) -> dict:
-    """`{checkpoint key: shape}` of the variables a SavedModel holds."""
-    import tensorflow as tf
-
-    reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
-    return {
-        name: tuple(shape)
-        for name, shape in reader.get_variable_to_shape_map().items()
-        if name.endswith("/.ATTRIBUTES/VARIABLE_VALUE")
-    }

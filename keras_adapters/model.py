@@ -7,6 +7,7 @@ import warnings
 import keras
 
 from keras_adapters import _keras_internals as internals
+from keras_adapters import distribution as adapter_distribution
 from keras_adapters import layers as adapter_layers
 from keras_adapters import targeting
 from keras_adapters.adapters.base import Adapter
@@ -239,6 +240,7 @@ def enable_adapter(
             f"No layer of model '{model.name}' can take the adapter; the targets "
             f"matched only:\n{reasons}"
         )
+    adapter_distribution.check_variable_placement([layer for layer, _ in plan])
 
     if state is None:
         state = _AdapterState()

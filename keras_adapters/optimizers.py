@@ -22,9 +22,11 @@ eta_V = lambda * eta_Q). They compose, and their multipliers multiply.
 See `docs/per_matrix_learning_rates.md`.
 """
 
+import copy
 import math
 import numbers
 import re
+import weakref
 
 import keras
 from keras import ops
@@ -290,7 +292,7 @@ class LearningRateMultipliers(keras.optimizers.Optimizer):
                 )
             rule_sets = optimizer.rule_sets
             optimizer = optimizer.inner_optimizer
-            object.__delattr__(optimizer, "_keras_adapters_lr_owner")
+            object.__setattr__(optimizer, "_keras_adapters_lr_owner", None)
         _check_inner(optimizer)
         if not isinstance(scale_weight_decay, bool):
             raise ValueError(
@@ -304,7 +306,9 @@ class LearningRateMultipliers(keras.optimizers.Optimizer):
         object.__setattr__(self, "rule_sets", rule_sets + (rule_set,))
         # Per variable, in the order `build` received them.
         object.__setattr__(self, "multipliers", None)
-        object.__setattr__(optimizer, "_keras_adapters_lr_owner", self)
+        # A weak reference: Keras' saving walks every attribute of the wrapped
+        # optimizer, and must not walk back to this wrapper.
+        object.__setattr__(optimizer, "_keras_adapters_lr_owner", weakref.ref(self))
 
     # The wrapped optimizer owns the learning rate, the iteration count, the
     # loss scale factor and all state.
@@ -338,6 +342,15 @@ class LearningRateMultipliers(keras.optimizers.Optimizer):
     @property
     def variables(self):
         return self.inner_optimizer.variables
+
+    def save_own_variables(self, store):
+        # The state is the wrapped optimizer's, which Keras saves (and
+        # loads) as this optimizer's `inner_optimizer`; saving it here too
+        # would store it twice.
+        pass
+
+    def load_own_variables(self, store):
+        pass
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
@@ -450,7 +463,8 @@ class LearningRateMultipliers(keras.optimizers.Optimizer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
+        # Keras' optimizers replace parts of the config they are given.
+        config = copy.deepcopy(config)
         optimizer = keras.saving.deserialize_keras_object(
             config.pop("optimizer"), custom_objects=custom_objects
         )
@@ -485,6 +499,7 @@ def _check_inner(optimizer):
             "optimizer, before compile() or training."
         )
     owner = getattr(optimizer, "_keras_adapters_lr_owner", None)
+    owner = owner() if owner is not None else None
     if owner is not None:
         raise ValueError(
             f"Optimizer '{optimizer.name}' is already wrapped by "

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_adapters import distribution
+
 ADAPTER_METHODS = {}
 
 # Named initializers for the random factor of a low-rank adapter (LoRA's and
@@ -96,6 +98,12 @@ class Adapter:
     """
 
     method = None
+    # For each variable `build` creates, which dimension of the kernel's 2-D
+    # view each of its axes runs along: "in" (d_in), "out" (d_out) or None.
+    # Under a keras.distribution, adapter variables are laid out like those
+    # dimensions of the kernel (see keras_adapters.distribution); a variable
+    # not listed gets Keras' default layout.
+    variable_axes = {}
 
     def get_config(self):
         raise NotImplementedError
@@ -143,17 +151,21 @@ class Adapter:
 
         Adapter variables are never autocast, so adapter math stays float32
         under mixed precision. A `regularizer` (a Keras regularizer) adds its
-        penalty to the model's losses, which `model.fit` minimizes.
+        penalty to the model's losses, which `model.fit` minimizes. Under a
+        `keras.distribution`, the variable is laid out like the kernel, as
+        `variable_axes[name]` says.
         """
-        variable = layer.add_weight(
-            name=name,
-            shape=shape,
-            initializer=initializer,
-            regularizer=regularizer,
-            dtype="float32",
-            autocast=False,
-            trainable=True,
-        )
+        axes = self.variable_axes.get(name)
+        with distribution.variable_layout_scope(layer, name, shape, axes):
+            variable = layer.add_weight(
+                name=name,
+                shape=shape,
+                initializer=initializer,
+                regularizer=regularizer,
+                dtype="float32",
+                autocast=False,
+                trainable=True,
+            )
         setattr(layer, name, variable)
         return variable
 

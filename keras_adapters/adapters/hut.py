@@ -59,6 +59,7 @@ class HUT(Adapter):
     """
 
     method = "hut"
+    variable_axes = {"hut_a": ("in", None), "hut_b": (None, "out")}
 
     def __init__(
         self,

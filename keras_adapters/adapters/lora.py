@@ -64,6 +64,7 @@ class LoRA(Adapter):
     """
 
     method = "lora"
+    variable_axes = {"lora_a": ("in", None), "lora_b": (None, "out")}
 
     def __init__(
         self,

@@ -281,6 +281,7 @@ class GOFT(_GivensAdapter):
 
     method = "goft"
     strict = True
+    variable_axes = {"goft_cayley": (None,), "goft_scale": ("in",)}
 
     def __init__(self, scale: bool = False):
         self._check_scale(scale)
@@ -323,6 +324,7 @@ class QGOFT(_GivensAdapter):
 
     method = "qgoft"
     strict = False
+    variable_axes = {"qgoft_blocks": (None, None, None), "qgoft_scale": ("in",)}
 
     def __init__(self, orthogonality: float = 1e-3, scale: bool = False):
         check_number("orthogonality", orthogonality, 0, "a number >= 0")

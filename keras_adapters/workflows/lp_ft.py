@@ -1,0 +1,630 @@
+"""Linear probing then fine-tuning (LP-FT), with head-norm tracking.
+
+Tomihari & Sato (NeurIPS 2024) explain LP-FT with the neural tangent kernel:
+linear probing (training only the linear head on frozen features, with the
+cross-entropy loss) grows the head's norm, and a large, already accurate head
+makes the fine-tuning stage change the logits a lot while changing the
+features little. The same holds with LoRA in the second stage (LP-LoRA).
+
+- `linear_probe(model, train_data)` fits the head as an L2-regularised
+  multinomial logistic regression on features computed once by the frozen
+  model (the paper uses scikit-learn's `LogisticRegressionCV`; here a small
+  head model is trained full-batch with `model.fit`), and copies it into the
+  model's head.
+- `lp_ft(model, train_data, finetune="full" | ka.LoRA(...))` runs both stages
+  with `model.fit` and returns both histories.
+- `HeadNormCallback` logs the head's Frobenius norm (`logs["head_norm"]`) and
+  how far the head's input features moved from where they started on a fixed
+  probe batch (`logs["feature_change"]`), every epoch, into `History`.
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_adapters import model as adapter_model
+from keras_adapters.adapters.base import Adapter
+from keras_adapters.workflows import heads
+
+
+def _is_int(value, minimum):
+    return (
+        isinstance(value, (int, np.integer))
+        and not isinstance(value, bool)
+        and value >= minimum
+    )
+
+
+def _check_int(name, value, minimum):
+    if not _is_int(value, minimum):
+        raise ValueError(f"`{name}` must be an int >= {minimum}; received {value!r}.")
+    return int(value)
+
+
+def _check_positive(name, value, allow_zero=False):
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool
+    )
+    ok = ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"`{name}` must be a finite number {bound}; received {value!r}.")
+    return float(value)
+
+
+def _to_numpy(value):
+    return np.asarray(ops.convert_to_numpy(value))
+
+
+def head_norm(model, head=None) -> float:
+    """The Frobenius norm of the linear head's kernel, `||V||_F`.
+
+    Args:
+        model: a built Keras model or KerasHub `Task`.
+        head: the head (see `find_head`).
+
+    Returns:
+        A Python float.
+
+    Example:
+
+    ```python
+    ka.workflows.head_norm(classifier)
+    ```
+    """
+    layer = heads.find_head(model, head)
+    return float(np.linalg.norm(_to_numpy(layer.kernel).astype("float64")))
+
+
+def _feature_change(features, initial):
+    """`||Phi - Phi_0||_F / sqrt(n)`: the RMS per-example feature change."""
+    delta = np.asarray(features, "float64") - np.asarray(initial, "float64")
+    delta = delta.reshape(delta.shape[0], -1)
+    return float(np.sqrt(np.mean(np.sum(delta * delta, axis=1))))
+
+
+class HeadNormCallback(keras.callbacks.Callback):
+    """Logs the linear head's norm and the change of its input features.
+
+    At the end of every epoch it adds to the epoch's logs (and so to the
+    `History` returned by `fit`):
+
+    - `"head_norm"`: the Frobenius norm `||V||_F` of the head's kernel;
+    - `"feature_change"` (when `probe` is given): the root-mean-square, over
+      the probe examples, of `||phi(x) - phi_0(x)||_2`, where `phi` are the
+      head's input features now and `phi_0` those at the start of training
+      (computed in inference mode, so dropout is off).
+
+    These are the two quantities Tomihari & Sato track (their Tables 12-13):
+    LP grows the head norm, and a large head norm makes the fine-tuning stage
+    change the features less. The paper does not state its feature-change
+    normalization; compare ratios between methods, not absolute values.
+
+    Args:
+        head: the head: a `Dense` layer, its name, or `None` for the layer
+            computing the model's output (see `find_head`).
+        probe: optional model inputs (a batch: array, or dict of arrays, as
+            the model takes them) on which feature change is measured.
+        feature_model: optional model from the inputs to the head's input
+            features; by default built from the trained model's graph.
+
+    Attributes:
+        initial_head_norm: the head norm when training started.
+        initial_features: `phi_0` on the probe batch (NumPy), or None.
+
+    Example:
+
+    ```python
+    history = classifier.fit(
+        x, y, epochs=3,
+        callbacks=[ka.workflows.HeadNormCallback(probe=probe_x)],
+    )
+    history.history["head_norm"], history.history["feature_change"]
+    ```
+    """
+
+    def __init__(self, head=None, probe=None, feature_model=None):
+        super().__init__()
+        if head is not None and not isinstance(head, (str, keras.layers.Layer)):
+            raise ValueError(
+                "`head` must be None, a layer name (str) or a Dense layer; "
+                f"received {head!r}."
+            )
+        if feature_model is not None and not isinstance(feature_model, keras.Model):
+            raise ValueError(
+                f"`feature_model` must be a Keras model; received {feature_model!r}."
+            )
+        if feature_model is not None and probe is None:
+            raise ValueError("`feature_model` is only used with a `probe` batch.")
+        self.head = head
+        self.probe = probe
+        self.feature_model = feature_model
+        self.initial_head_norm = None
+        self.initial_features = None
+        self._layer = None
+        self._features = None
+
+    def _compute_features(self):
+        return _to_numpy(self._features(self.probe, training=False))
+
+    def on_train_begin(self, logs=None):
+        self._layer = heads.find_head(self.model, self.head)
+        self.initial_head_norm = self._norm()
+        if self.probe is not None:
+            self._features = self.feature_model or heads.feature_extractor(
+                self.model, self._layer
+            )
+            self.initial_features = self._compute_features()
+
+    def _norm(self):
+        kernel = _to_numpy(self._layer.kernel).astype("float64")
+        return float(np.linalg.norm(kernel))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        logs["head_norm"] = self._norm()
+        if self.probe is not None:
+            logs["feature_change"] = _feature_change(
+                self._compute_features(), self.initial_features
+            )
+
+
+def _is_dataset(data):
+    module = type(data).__module__ or ""
+    return module.startswith("tensorflow") and hasattr(data, "element_spec")
+
+
+def _num_examples(x):
+    if isinstance(x, dict):
+        if not x:
+            raise ValueError("The inputs `x` are an empty dict.")
+        lengths = {name: len(value) for name, value in x.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"The arrays of `x` differ in length: {lengths}.")
+        return next(iter(lengths.values()))
+    return len(x)
+
+
+def _take(x, count):
+    if isinstance(x, dict):
+        return {name: value[:count] for name, value in x.items()}
+    return x[:count]
+
+
+def _check_train_data(train_data, name="train_data"):
+    """`("arrays", x, y)` or `("dataset", dataset, None)`."""
+    if _is_dataset(train_data):
+        return "dataset", train_data, None
+    if not isinstance(train_data, (tuple, list)) or len(train_data) != 2:
+        raise ValueError(
+            f"`{name}` must be a tuple `(x, y)` of inputs and integer labels, or "
+            f"a tf.data.Dataset of `(x, y)` batches; received {type(train_data)}."
+        )
+    x, y = train_data
+    if x is None or y is None:
+        raise ValueError(f"`{name}` must be `(x, y)` with labels; received None.")
+    num = _num_examples(x)
+    y = _to_numpy(y)
+    if y.shape != (num,):
+        raise ValueError(
+            f"The labels of `{name}` must have shape ({num},) (one integer class "
+            f"id per example); received shape {y.shape}."
+        )
+    if num == 0:
+        raise ValueError(f"`{name}` has no examples.")
+    return "arrays", x, y
+
+
+def _check_labels(y, num_classes):
+    y = np.asarray(y)
+    if y.dtype.kind == "f" and np.all(y == np.round(y)):
+        y = y.astype("int64")
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"Labels must be integer class ids; got dtype {y.dtype}.")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(
+            f"Labels must be class ids in [0, {num_classes}) (the head has "
+            f"{num_classes} units); received values from {y.min()} to {y.max()}."
+        )
+    return y.astype("int32")
+
+
+def _features_and_labels(extractor, train_data, batch_size):
+    kind, x, y = _check_train_data(train_data)
+    if kind == "arrays":
+        features = extractor.predict(x, batch_size=batch_size, verbose=0)
+        return np.asarray(features), y
+    features, labels = [], []
+    for batch in train_data:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError(
+                "`train_data` must yield `(x, y)` batches; received an element "
+                f"of type {type(batch).__name__}."
+            )
+        features.append(np.asarray(extractor.predict_on_batch(batch[0])))
+        labels.append(_to_numpy(batch[1]).reshape(-1))
+    if not features:
+        raise ValueError("`train_data` is an empty dataset.")
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def linear_probe(
+    model,
+    train_data,
+    *,
+    head=None,
+    l2: float | None = None,
+    epochs: int = 1000,
+    learning_rate: float = 0.05,
+    tolerance: float = 1e-6,
+    patience: int = 20,
+    batch_size: int = 64,
+    verbose=0,
+):
+    """Fits the linear head on frozen features (stage 1 of LP-FT), in place.
+
+    The head's input features are computed once, in inference mode, for the
+    whole training set. The head is then fitted as a multinomial logistic
+    regression with an L2 penalty on its kernel (not its bias): a fresh
+    `Dense` layer, started at zero, trained full-batch with Adam and
+    `model.fit` until the loss improves by less than `tolerance` for
+    `patience` epochs (or `epochs` run out). Being convex, the problem has one
+    solution, so the result does not depend on the head's random
+    initialization. The fitted kernel and bias are copied into the head; no
+    other weight of `model` changes.
+
+    `l2 = 1 / (2 C n)` corresponds to scikit-learn's
+    `LogisticRegression(C=C)` on `n` examples (the paper chooses `C` by
+    cross-validation); the default `None` is scikit-learn's `C = 1`.
+
+    Args:
+        model: a built functional model or KerasHub `Task` (with
+            `preprocessor=None`) whose head computes logits.
+        train_data: `(x, y)` with integer labels `y`, or a `tf.data.Dataset`
+            of `(x, y)` batches (iterated once).
+        head: the head (see `find_head`).
+        l2: float >= 0, the penalty `l2 * ||V||_F^2` added to the mean
+            cross-entropy; `None` for `1 / (2 n)`.
+        epochs: int >= 1, the maximum number of full-batch steps.
+        learning_rate: float > 0, Adam's learning rate.
+        tolerance: float >= 0, the loss improvement that counts as progress.
+        patience: int >= 1, epochs without progress before stopping.
+        batch_size: int >= 1, the batch size used to compute the features.
+        verbose: passed to `fit`.
+
+    Returns:
+        The `History` of the head's fit: `loss`, `accuracy` and `head_norm`
+        per epoch.
+
+    Raises:
+        ValueError: on bad arguments or labels, or a head that cannot be
+            found.
+
+    Example:
+
+    ```python
+    history = ka.workflows.linear_probe(classifier, (train_x, train_y))
+    history.history["head_norm"][-1]
+    ```
+    """
+    layer = _check_probe_model(model, head)
+    if l2 is not None:
+        l2 = _check_positive("l2", l2, allow_zero=True)
+    epochs = _check_int("epochs", epochs, 1)
+    learning_rate = _check_positive("learning_rate", learning_rate)
+    tolerance = _check_positive("tolerance", tolerance, allow_zero=True)
+    patience = _check_int("patience", patience, 1)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    extractor = heads.feature_extractor(model, layer)
+    features, labels = _features_and_labels(extractor, train_data, batch_size)
+    num_classes = layer.kernel.shape[-1]
+    labels = _check_labels(labels, num_classes)
+    features = features.reshape(len(features), -1).astype("float32")
+    if features.shape[1] != layer.kernel.shape[0]:
+        raise ValueError(
+            f"The head '{layer.name}' takes {layer.kernel.shape[0]} features but "
+            f"its input has {features.shape[1]}; lp_ft needs a head applied to "
+            "a (batch, features) tensor."
+        )
+    if l2 is None:
+        l2 = 1.0 / (2.0 * len(features))
+
+    probe_head = keras.layers.Dense(
+        num_classes,
+        use_bias=layer.bias is not None,
+        kernel_initializer="zeros",
+        bias_initializer="zeros",
+        kernel_regularizer=keras.regularizers.L2(l2) if l2 > 0 else None,
+        dtype="float32",
+        name="linear_probe",
+    )
+    head_model = keras.Sequential(
+        [keras.Input((features.shape[1],)), probe_head], name="linear_probe"
+    )
+    head_model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile="auto",
+    )
+    history = head_model.fit(
+        features,
+        labels,
+        batch_size=len(features),
+        epochs=epochs,
+        shuffle=False,
+        verbose=verbose,
+        callbacks=[
+            HeadNormCallback(probe_head),
+            keras.callbacks.EarlyStopping(
+                monitor="loss", min_delta=tolerance, patience=patience
+            ),
+        ],
+    )
+    layer.kernel.assign(ops.cast(probe_head.kernel, layer.kernel.dtype))
+    if layer.bias is not None:
+        layer.bias.assign(ops.cast(probe_head.bias, layer.bias.dtype))
+    history.l2 = l2
+    return history
+
+
+def _check_probe_model(model, head):
+    layer = heads.find_head(model, head)
+    if getattr(model, "preprocessor", None) is not None:
+        raise ValueError(
+            f"Model '{model.name}' has a preprocessor; LP-FT computes the head's "
+            "features from the model's own inputs. Build the Task with "
+            "`preprocessor=None` and pass preprocessed inputs (e.g. tokenize "
+            "once with the preprocessor)."
+        )
+    return layer
+
+
+@dataclasses.dataclass
+class LPFTResult:
+    """What `lp_ft` did.
+
+    Attributes:
+        head: the path of the linear head.
+        lp_history: the `History` of the linear probe (stage 1), or None.
+        ft_history: the `History` of fine-tuning (stage 2), or None.
+        adapter_report: the `AdapterReport` when stage 2 trained an adapter.
+        lp_l2: the L2 strength used by the linear probe, or None.
+        head_norm_initial: the head norm before stage 1.
+        head_norm_after_lp: the head norm after stage 1 (None without it).
+        head_norm_final: the head norm at the end.
+    """
+
+    head: str
+    lp_history: object
+    ft_history: object
+    adapter_report: object
+    lp_l2: float | None
+    head_norm_initial: float
+    head_norm_after_lp: float | None
+    head_norm_final: float
+
+    def __str__(self):
+        lines = [f"LP-FT on head '{self.head}'"]
+        lines.append(f"  head norm: initial {self.head_norm_initial:.3f}")
+        if self.lp_history is not None:
+            loss = self.lp_history.history["loss"][-1]
+            lines.append(
+                f"  linear probe: {len(self.lp_history.epoch)} epochs, l2 "
+                f"{self.lp_l2:.2e}, loss {loss:.4f}, head norm "
+                f"{self.head_norm_after_lp:.3f}"
+            )
+        if self.ft_history is not None:
+            logs = self.ft_history.history
+            line = f"  fine-tuning: {len(self.ft_history.epoch)} epochs"
+            if "loss" in logs:
+                line += f", loss {logs['loss'][-1]:.4f}"
+            if "feature_change" in logs:
+                line += f", feature change {logs['feature_change'][-1]:.3f}"
+            lines.append(line + f", head norm {self.head_norm_final:.3f}")
+        return "\n".join(lines)
+
+
+def lp_ft(
+    model,
+    train_data,
+    *,
+    finetune="full",
+    head=None,
+    targets=None,
+    probe_first: bool = True,
+    epochs: int = 1,
+    batch_size: int = 32,
+    optimizer=None,
+    loss=None,
+    metrics=None,
+    validation_data=None,
+    callbacks=None,
+    jit_compile=True,
+    probe=None,
+    probe_size: int = 64,
+    lp_l2: float | None = None,
+    lp_epochs: int = 1000,
+    lp_learning_rate: float = 0.05,
+    verbose=0,
+) -> LPFTResult:
+    """Linear probing, then fine-tuning from the probed head (LP-FT, LP-LoRA).
+
+    Stage 1 (`probe_first=True`) is `linear_probe`: the head is fitted on
+    frozen features and copied into the model. Stage 2 fine-tunes the model
+    with `model.fit`, starting from that head:
+
+    - `finetune="full"`: every trainable weight of the model;
+    - `finetune=ka.LoRA(rank=8)` (any adapter): the adapter on `targets`
+      (default `ka.attention("query", "value")`, as in the paper) plus the
+      head, via `ka.enable_adapter`; the adapter stays on the model
+      afterwards (`ka.merge_adapters` folds it in);
+    - `finetune=None`: no stage 2 (linear probing alone, "LP").
+
+    With `probe_first=False` stage 1 is skipped, which gives the FT and LoRA
+    baselines with the same tracking. Stage 2 logs `head_norm` and
+    `feature_change` (on `probe`) per epoch, see `HeadNormCallback`.
+
+    Args:
+        model: a built functional Keras model or KerasHub `Task` (e.g.
+            `BertTextClassifier(..., preprocessor=None)`) whose output is
+            logits computed by a `Dense` head. It must not have adapters.
+        train_data: `(x, y)` with integer labels `y`, or a `tf.data.Dataset`
+            of `(x, y)` batches (used as is in stage 2: batch and shuffle it
+            yourself).
+        finetune: `"full"`, an adapter configuration, or None.
+        head: the head: a `Dense` layer, its name, or None for the layer that
+            computes the model's output (a KerasHub classifier's `logits`).
+        targets: where the adapter goes (see `ka.enable_adapter`); only with
+            an adapter.
+        probe_first: bool; whether to run stage 1.
+        epochs: int >= 1, stage-2 epochs.
+        batch_size: int >= 1, stage-2 batch size (array inputs).
+        optimizer: stage-2 optimizer; default Adam with learning rate 1e-5
+            for `"full"` and 5e-4 for an adapter (the paper's ranges).
+        loss: stage-2 loss; default sparse categorical cross-entropy on
+            logits.
+        metrics: stage-2 metrics; default `["accuracy"]`.
+        validation_data: passed to the stage-2 `fit`.
+        callbacks: extra stage-2 callbacks.
+        jit_compile: passed to `compile` for stage 2.
+        probe: inputs on which `feature_change` is measured; default the
+            first `probe_size` training examples (array inputs only).
+        probe_size: int >= 0; 0 disables feature-change tracking.
+        lp_l2: `l2` of `linear_probe`.
+        lp_epochs: `epochs` of `linear_probe`.
+        lp_learning_rate: `learning_rate` of `linear_probe`.
+        verbose: passed to both `fit` calls.
+
+    Returns:
+        An `LPFTResult` with both histories and the head norms.
+
+    Raises:
+        ValueError: on a bad argument, a model with adapters or a
+            preprocessor, labels out of range, or a head that cannot be
+            found.
+
+    Example:
+
+    ```python
+    result = ka.workflows.lp_ft(
+        classifier, (train_x, train_y),
+        finetune=ka.LoRA(rank=8, alpha=8), epochs=3,
+    )
+    print(result)
+    result.ft_history.history["feature_change"]
+    ```
+
+    Reference:
+        Tomihari & Sato, "Understanding Linear Probing then Fine-tuning
+        Language Models from NTK Perspective", NeurIPS 2024; Kumar et al.,
+        "Fine-Tuning can Distort Pretrained Features and Underperform
+        Out-of-Distribution", ICLR 2022.
+    """
+    layer = _check_probe_model(model, head)
+    if not (finetune is None or finetune == "full" or isinstance(finetune, Adapter)):
+        raise ValueError(
+            "`finetune` must be 'full', an adapter configuration such as "
+            f"ka.LoRA(rank=8), or None; received {finetune!r}."
+        )
+    if targets is not None and not isinstance(finetune, Adapter):
+        raise ValueError("`targets` is only used when `finetune` is an adapter.")
+    if not isinstance(probe_first, bool):
+        raise ValueError(f"`probe_first` must be a bool; received {probe_first!r}.")
+    if finetune is None and not probe_first:
+        raise ValueError("`finetune=None` with `probe_first=False` does nothing.")
+    epochs = _check_int("epochs", epochs, 1)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    probe_size = _check_int("probe_size", probe_size, 0)
+    if callbacks is not None and not isinstance(callbacks, (list, tuple)):
+        raise ValueError(f"`callbacks` must be a list; received {callbacks!r}.")
+    if adapter_model.adapted_layers(model):
+        raise ValueError(
+            f"Model '{model.name}' already has adapters; merge them first with "
+            "ka.merge_adapters(model)."
+        )
+    kind, x, y = _check_train_data(train_data)
+    num_classes = layer.kernel.shape[-1]
+    if kind == "arrays":
+        y = _check_labels(y, num_classes)
+    if probe is None and probe_size and kind == "arrays":
+        probe = _take(x, min(probe_size, _num_examples(x)))
+    activation = keras.activations.serialize(layer.activation)
+    if finetune is not None and loss is None and activation not in ("linear", "softmax"):
+        raise ValueError(
+            f"The head '{layer.name}' has activation {activation!r}; pass a "
+            "`loss` that fits it (the default is cross-entropy on logits)."
+        )
+
+    initial_norm = head_norm(model, layer)
+    lp_history, after_lp, l2 = None, None, None
+    if probe_first:
+        lp_history = linear_probe(
+            model,
+            train_data if kind == "dataset" else (x, y),
+            head=layer,
+            l2=lp_l2,
+            epochs=lp_epochs,
+            learning_rate=lp_learning_rate,
+            verbose=verbose,
+        )
+        l2, after_lp = lp_history.l2, head_norm(model, layer)
+
+    ft_history, report = None, None
+    if finetune is not None:
+        if isinstance(finetune, Adapter):
+            report = adapter_model.enable_adapter(
+                model,
+                finetune,
+                targets=targets,
+                keep_trainable=lambda candidate: candidate is layer,
+            )
+            default_rate = 5e-4
+        else:
+            model.trainable = True
+            default_rate = 1e-5
+        if loss is None:
+            loss = keras.losses.SparseCategoricalCrossentropy(
+                from_logits=activation != "softmax"
+            )
+        model.compile(
+            optimizer=optimizer or keras.optimizers.Adam(default_rate),
+            loss=loss,
+            metrics=["accuracy"] if metrics is None else metrics,
+            jit_compile=jit_compile,
+        )
+        tracker = HeadNormCallback(layer, probe=probe)
+        fit_callbacks = [tracker, *(callbacks or [])]
+        if kind == "arrays":
+            ft_history = model.fit(
+                x,
+                y,
+                batch_size=batch_size,
+                epochs=epochs,
+                shuffle=True,
+                validation_data=validation_data,
+                callbacks=fit_callbacks,
+                verbose=verbose,
+            )
+        else:
+            ft_history = model.fit(
+                train_data,
+                epochs=epochs,
+                validation_data=validation_data,
+                callbacks=fit_callbacks,
+                verbose=verbose,
+            )
+    return LPFTResult(
+        head=layer.path,
+        lp_history=lp_history,
+        ft_history=ft_history,
+        adapter_report=report,
+        lp_l2=l2,
+        head_norm_initial=initial_norm,
+        head_norm_after_lp=after_lp,
+        head_norm_final=head_norm(model, layer),
+    )
