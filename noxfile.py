@@ -1,4 +1,5 @@
-"""Sessions: `nox -s tests` (both backends), `lint`, `demo`, `docs`, `benchmarks`.
+"""Sessions: `nox -s tests` (both backends), `lint`, `demo`, `serve`, `docs`,
+`benchmarks`.
 
 Virtual environments are reused between runs, and uv (when installed, as with
 `pip install "nox[uv]"`) links packages from its cache, so the second backend's
@@ -53,6 +54,32 @@ def demo(session):
     _install(session, with_example_data=True)
     env = {"KERAS_BACKEND": session.env.get("KERAS_BACKEND", "jax")}
     session.run("python", "examples/quickstart.py", *session.posargs, env=env)
+
+
+@nox.session
+def serve(session):
+    """Merged SavedModel with the preprocessor, served by a client without us.
+
+    Run after `demo` to serve its fine-tuned adapters; TensorFlow backend.
+    """
+    _install(session, with_example_data=True)
+    session.run(
+        "python",
+        "examples/serve_saved_model.py",
+        *session.posargs,
+        env={"KERAS_BACKEND": "tensorflow"},
+    )
+
+
+@nox.session
+@nox.parametrize("backend", BACKENDS)
+def benchmarks(session, backend):
+    """Every script in benchmarks/ (pass `-- --quick` for a smoke run)."""
+    import glob
+
+    _install(session)
+    for script in sorted(glob.glob("benchmarks/bench_*.py")):
+        session.run("python", script, *session.posargs, env={"KERAS_BACKEND": backend})
 
 
 @nox.session

@@ -8,12 +8,13 @@ Checks:
 
 1. Every `ka.<name>` and `keras_adapters.<name>` (dotted further or not)
    written in `docs/**/*.md` or `README.md` exists in the package.
-2. The fenced ```python blocks of the pages in `RUNNABLE_PAGES` run, top to
+2. The fenced ```python blocks of every page under `docs/` run, top to
    bottom, in one namespace per page, in a temporary working directory.
    A block is skipped when the last non-blank line before its opening fence
    is `<!-- skip -->` (use it for snippets that need a pretrained preset,
    network access, or undefined names such as `train_ds`). Only `python`
-   blocks run; `text`, `bash` and other blocks never do.
+   blocks run; `text`, `bash` and other blocks never do. Every `python`
+   block, skipped or not, of every page and the README must compile.
 3. Every relative link in `docs/**/*.md` and `README.md` points to an
    existing file or directory.
 """
@@ -30,7 +31,8 @@ import keras_adapters
 DOCS = pathlib.Path(__file__).resolve().parent
 ROOT = DOCS.parent
 PAGES = sorted(DOCS.rglob("*.md")) + [ROOT / "README.md"]
-RUNNABLE_PAGES = ["getting_started.md", "how_adapters_attach.md"]
+# Pages whose python blocks run (relative to docs/): all of them.
+RUNNABLE_PAGES = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md"))
 
 SKIP_MARK = "<!-- skip -->"
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
@@ -114,8 +116,6 @@ def _resolve(dotted):
 def test_pages_exist():
     for name in ["index.md", "getting_started.md", "how_adapters_attach.md"]:
         assert (DOCS / name).is_file(), name
-    for name in RUNNABLE_PAGES:
-        assert (DOCS / name).is_file(), name
 
 
 def test_api_references_exist():
@@ -181,7 +181,6 @@ def test_runnable_blocks(name, clean_keras):
         for language, line, code, skipped in _blocks(page.read_text())
         if language == "python" and not skipped
     ]
-    assert blocks, f"{name} has no runnable python blocks"
     namespace = {"__name__": "__docs__"}
     for line, code in blocks:
         # Padding keeps line numbers in tracebacks equal to the page's.

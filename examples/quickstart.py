@@ -57,7 +57,9 @@ def parse_args():
         "--quick", action="store_true", help="smoke run on a tiny subset"
     )
     parser.add_argument("--output-dir", default="outputs/quickstart")
-    parser.add_argument("--seed", type=int, default=0, help="weights and dropout")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="head init, dropout, shuffling"
+    )
     return parser.parse_args()
 
 
@@ -71,14 +73,6 @@ def accuracy(logits, labels):
 
 def megabytes(num_bytes):
     return f"{num_bytes / 1e6:.1f} MB"
-
-
-def directory_size(path):
-    return sum(
-        os.path.getsize(os.path.join(root, name))
-        for root, _, names in os.walk(path)
-        for name in names
-    )
 
 
 def export_saved_model(model, path):
@@ -115,7 +109,7 @@ def main():
         max_per_class, sequence_length, train_steps = None, 128, 64
     batch_size = 16
 
-    # 1. Data and model. The split is fixed; `--seed` sets weights and dropout.
+    # 1. Data and model. The train/test split does not depend on `--seed`.
     train_texts, train_labels, test_texts, test_labels, class_names = bbc.load_bbc_news(
         max_per_class=max_per_class
     )
@@ -204,9 +198,9 @@ def main():
     exported_params = sum(math.prod(v.shape) for v in weights)
     base_params = report.total_params - report.adapter_params
     print(
-        f"SavedModel {export_dir}: {megabytes(directory_size(export_dir))}, "
-        f"{len(weights)} weight variables, {exported_params:,} parameters (base "
-        f"model: {base_params:,}), {len(lora_vars)} LoRA variables"
+        f"SavedModel {export_dir}: {len(weights)} weight variables, "
+        f"{exported_params:,} parameters (base model: {base_params:,}), "
+        f"{len(lora_vars)} LoRA variables"
     )
     print(f"serve() on {n} test articles: max |logit diff| = {serve_diff:.2e}")
     for text, label in zip(test_texts[:3], served.argmax(-1), strict=False):

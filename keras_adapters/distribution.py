@@ -277,7 +277,8 @@ def adapter_layout_map(layout_map):
         if _is_complete_regex(prefix):
             derived[f"{prefix}(?:{names})"] = KernelDerivedLayout(layout)
     for key, layout in derived.items():
-        if key in extended:
+        # `key in extended` would regex-match; only exact keys collide.
+        if key in list(extended):
             raise ValueError(
                 f"The layout map already has an entry for {key!r}; "
                 "adapter_layout_map() was applied twice?"

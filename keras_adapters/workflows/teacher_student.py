@@ -64,6 +64,10 @@ def _check_positive(name, value):
     return float(value)
 
 
+def _rng(seed, *stream):
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=stream))
+
+
 def _orthonormal_columns(rng, dim, hidden):
     q, r = np.linalg.qr(rng.standard_normal((dim, hidden)))
     return q * np.sign(np.diag(r))  # Haar-distributed.
@@ -142,12 +146,15 @@ def make_problem(
             "such as 'relu' or 'tanh'."
         ) from None
     seed = _check_int("seed", seed, 0)
-    rng = np.random.default_rng(seed)
+    # Separate streams for the d-dimensional and the k-dimensional draws, so
+    # that problems of different `dim` with one seed share `a` and `c`.
+    rng = _rng(seed, 0)
     base = _orthonormal_columns(rng, dim, hidden)
-    readout = rng.choice([-1.0, 1.0], size=hidden) / math.sqrt(hidden)
     direction = rng.standard_normal(dim)
     direction /= np.linalg.norm(direction)
-    coefficients = rng.standard_normal(hidden)
+    small = _rng(seed, 1)
+    readout = small.choice([-1.0, 1.0], size=hidden) / math.sqrt(hidden)
+    coefficients = small.standard_normal(hidden)
     coefficients *= perturbation_norm * math.sqrt(hidden) / np.linalg.norm(coefficients)
     return TeacherStudentProblem(
         dim=dim,
@@ -393,7 +400,7 @@ def train_student(
     steps_per_execution = _check_int("steps_per_execution", steps_per_execution, 1)
     num_logs = -(-steps // log_every)
 
-    rng = np.random.default_rng([problem.seed, seed])
+    rng = _rng(seed, 2, problem.seed)
     if method == "scratch":
         student = build_network(
             problem, _orthonormal_columns(rng, problem.dim, problem.hidden), "student"
