@@ -48,7 +48,8 @@ import sys, json
 sys.modules["keras_adapters"] = None
 import tensorflow as tf
 import tensorflow_text  # registers the tokenizer ops used by the SavedModel
-path, class_names, sentences = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+path = sys.argv[1]
+class_names, sentences = json.loads(sys.argv[2]), json.loads(sys.argv[3])
 serve = tf.saved_model.load(path).signatures["serving_default"]
 logits = next(iter(serve(texts=tf.constant(sentences)).values()))
 probabilities = tf.nn.softmax(logits).numpy()
@@ -133,7 +134,14 @@ def main():
 
     print("Client (cannot import keras_adapters) classifying raw sentences:")
     client = subprocess.run(
-        [sys.executable, "-c", CLIENT, path, json.dumps(class_names), json.dumps(SENTENCES)],
+        [
+            sys.executable,
+            "-c",
+            CLIENT,
+            path,
+            json.dumps(class_names),
+            json.dumps(SENTENCES),
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},

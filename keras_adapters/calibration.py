@@ -519,7 +519,10 @@ def calibration_errors(logits, labels, *, temperature=1.0, num_bins=15) -> dict:
     logits, labels = _check_logits_and_labels(logits, labels)
     scaled = (logits / temperature).astype("float32")
     out = {}
-    for key, cls in (("ece", ExpectedCalibrationError), ("mce", MaximumCalibrationError)):
+    for key, cls in (
+        ("ece", ExpectedCalibrationError),
+        ("mce", MaximumCalibrationError),
+    ):
         metric = cls(num_bins=num_bins, from_logits=True)
         metric.update_state(labels, scaled)
         out[key] = float(ops.convert_to_numpy(metric.result()))

@@ -269,9 +269,7 @@ def adapter_layout_map(layout_map):
     for key in layout_map:
         layout = layout_map[key]
         extended[key] = layout
-        if isinstance(layout, KernelDerivedLayout) or not key.endswith(
-            _KERNEL_SUFFIX
-        ):
+        if isinstance(layout, KernelDerivedLayout) or not key.endswith(_KERNEL_SUFFIX):
             continue
         prefix = key[: -len(_KERNEL_SUFFIX)]
         if _is_complete_regex(prefix):

@@ -274,6 +274,10 @@ def export_saved_model(
             f"`sample_inputs` must be a dict with the keys {sorted(specs)}; "
             f"received {sample_inputs!r:.200}."
         )
+    else:  # the signature's dtypes (a tokenizer may give a bool padding mask)
+        sample_inputs = {
+            k: np.asarray(v).astype(specs[k][1]) for k, v in sample_inputs.items()
+        }
     notes = []
     if preprocessor is not None:
         notes.append(

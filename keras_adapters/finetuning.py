@@ -171,8 +171,13 @@ def attention_full(
 
     # Trainable layers all the way down, then freezing per variable: a
     # frozen ancestor would hide the chosen variables from the optimizer.
-    # `model.trainable = True` only touches variables created trainable, so
-    # normalization statistics stay non-trainable.
+    # The layer setter only touches variables created trainable, so
+    # normalization statistics stay non-trainable. It goes through False
+    # because on the TensorFlow backend `layer.trainable = True` on a layer
+    # that is already trainable is skipped (Keras' tracking short-circuits
+    # `self.x = value` when `self.x is value`), leaving frozen variables
+    # frozen.
+    model.trainable = False
     model.trainable = True
     for variable in model.trainable_weights:
         variable.trainable = id(variable) in why

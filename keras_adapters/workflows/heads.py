@@ -22,8 +22,7 @@ def _check_model(model):
         )
     if not model.built:
         raise ValueError(
-            f"Model '{model.name}' is not built; call it on data or call build() "
-            "first."
+            f"Model '{model.name}' is not built; call it on data or call build() first."
         )
 
 
@@ -84,7 +83,9 @@ def find_head(model, head=None):
         hits = [layer for layer in everything if layer.name == head]
         if len(hits) != 1:
             names = sorted(
-                layer.name for layer in everything if isinstance(layer, keras.layers.Dense)
+                layer.name
+                for layer in everything
+                if isinstance(layer, keras.layers.Dense)
             )
             found = "no layer" if not hits else f"{len(hits)} layers"
             raise ValueError(

@@ -51,7 +51,9 @@ def _check_positive(name, value, allow_zero=False):
     ok = ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be a finite number {bound}; received {value!r}.")
+        raise ValueError(
+            f"`{name}` must be a finite number {bound}; received {value!r}."
+        )
     return float(value)
 
 
@@ -372,6 +374,16 @@ def linear_probe(
     return history
 
 
+def _shuffled_dataset(x, y, batch_size, seed):
+    import tensorflow as tf
+
+    return (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size)
+    )
+
+
 def _check_probe_model(model, head):
     layer = heads.find_head(model, head)
     if getattr(model, "preprocessor", None) is not None:
@@ -394,6 +406,8 @@ class LPFTResult:
         ft_history: the `History` of fine-tuning (stage 2), or None.
         adapter_report: the `AdapterReport` when stage 2 trained an adapter.
         lp_l2: the L2 strength used by the linear probe, or None.
+        lp_head_weights: `[kernel, bias]` (NumPy) of the head after the
+            linear probe (`[kernel]` without bias), or None.
         head_norm_initial: the head norm before stage 1.
         head_norm_after_lp: the head norm after stage 1 (None without it).
         head_norm_final: the head norm at the end.
@@ -404,6 +418,7 @@ class LPFTResult:
     ft_history: object
     adapter_report: object
     lp_l2: float | None
+    lp_head_weights: list | None
     head_norm_initial: float
     head_norm_after_lp: float | None
     head_norm_final: float
@@ -450,6 +465,7 @@ def lp_ft(
     lp_l2: float | None = None,
     lp_epochs: int = 1000,
     lp_learning_rate: float = 0.05,
+    seed: int | None = None,
     verbose=0,
 ) -> LPFTResult:
     """Linear probing, then fine-tuning from the probed head (LP-FT, LP-LoRA).
@@ -498,6 +514,9 @@ def lp_ft(
         lp_l2: `l2` of `linear_probe`.
         lp_epochs: `epochs` of `linear_probe`.
         lp_learning_rate: `learning_rate` of `linear_probe`.
+        seed: optional int >= 0, the seed of the stage-2 shuffling of array
+            inputs for a KerasHub `Task` (whose `fit` does not shuffle
+            arrays; other models shuffle with `fit(shuffle=True)`).
         verbose: passed to both `fit` calls.
 
     Returns:
@@ -540,6 +559,8 @@ def lp_ft(
     epochs = _check_int("epochs", epochs, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
     probe_size = _check_int("probe_size", probe_size, 0)
+    if seed is not None:
+        seed = _check_int("seed", seed, 0)
     if callbacks is not None and not isinstance(callbacks, (list, tuple)):
         raise ValueError(f"`callbacks` must be a list; received {callbacks!r}.")
     if adapter_model.adapted_layers(model):
@@ -554,14 +575,18 @@ def lp_ft(
     if probe is None and probe_size and kind == "arrays":
         probe = _take(x, min(probe_size, _num_examples(x)))
     activation = keras.activations.serialize(layer.activation)
-    if finetune is not None and loss is None and activation not in ("linear", "softmax"):
+    if (
+        finetune is not None
+        and loss is None
+        and activation not in ("linear", "softmax")
+    ):
         raise ValueError(
             f"The head '{layer.name}' has activation {activation!r}; pass a "
             "`loss` that fits it (the default is cross-entropy on logits)."
         )
 
     initial_norm = head_norm(model, layer)
-    lp_history, after_lp, l2 = None, None, None
+    lp_history, after_lp, l2, lp_weights = None, None, None, None
     if probe_first:
         lp_history = linear_probe(
             model,
@@ -573,6 +598,7 @@ def lp_ft(
             verbose=verbose,
         )
         l2, after_lp = lp_history.l2, head_norm(model, layer)
+        lp_weights = [_to_numpy(w).copy() for w in layer.weights]
 
     ft_history, report = None, None
     if finetune is not None:
@@ -599,7 +625,7 @@ def lp_ft(
         )
         tracker = HeadNormCallback(layer, probe=probe)
         fit_callbacks = [tracker, *(callbacks or [])]
-        if kind == "arrays":
+        if kind == "arrays" and not adapter_model._is_task(model):
             ft_history = model.fit(
                 x,
                 y,
@@ -611,6 +637,10 @@ def lp_ft(
                 verbose=verbose,
             )
         else:
+            if kind == "arrays":
+                # KerasHub Tasks turn arrays into an unshuffled tf.data
+                # pipeline, so the shuffling is done here.
+                train_data = _shuffled_dataset(x, y, batch_size, seed)
             ft_history = model.fit(
                 train_data,
                 epochs=epochs,
@@ -624,6 +654,7 @@ def lp_ft(
         ft_history=ft_history,
         adapter_report=report,
         lp_l2=l2,
+        lp_head_weights=lp_weights,
         head_norm_initial=initial_norm,
         head_norm_after_lp=after_lp,
         head_norm_final=head_norm(model, layer),

@@ -237,7 +237,9 @@ class GaussianInputs(keras.layers.Layer):
 
     def call(self, inputs):
         shape = (ops.shape(inputs)[0], self.dim)
-        return keras.random.normal(shape, dtype=self.compute_dtype, seed=self.seed_generator)
+        return keras.random.normal(
+            shape, dtype=self.compute_dtype, seed=self.seed_generator
+        )
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.dim)
