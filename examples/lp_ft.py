@@ -7,7 +7,9 @@ Perspective", NeurIPS 2024) with `ka.workflows.lp_ft` and
 the BBC News topics (5 classes):
 
 - LP: the linear head alone, an L2-regularised logistic regression on frozen
-  features (`finetune=None`);
+  features (`finetune=None`), its L2 strength chosen among 1e-2, 1e-3, 1e-4
+  and 1e-5 by validation cross-entropy (the paper cross-validates
+  scikit-learn's `C`); LP-FT and LP-LoRA reuse that choice;
 - FT: full fine-tuning from the random head (`probe_first=False`);
 - LoRA: rank-8 LoRA (alpha 8) on query and value, plus the head, from the
   random head;
@@ -102,12 +104,19 @@ def run_one(method, seed, data, settings):
     train, val, test = data["train"], data["val"], data["test"]
     x = {k: train[k] for k in INPUTS}
     finetune, probe_first, rate = method_config(method, settings["lora_rank"])
+    # The LP run chooses the L2 strength on the validation split; LP-FT and
+    # LP-LoRA reuse its choice.
+    choose = method == "LP"
     start = time.perf_counter()
     result = ka.workflows.lp_ft(
         classifier,
         (x, train["labels"]),
         finetune=finetune,
         probe_first=probe_first,
+        lp_l2=settings["lp_l2_grid"] if choose else settings.get("lp_l2"),
+        validation_data=(
+            ({k: val[k] for k in INPUTS}, val["labels"]) if choose else None
+        ),
         epochs=settings["epochs"],
         batch_size=settings["batch_size"],
         optimizer=None if rate is None else keras.optimizers.Adam(rate),
@@ -141,6 +150,7 @@ def run_one(method, seed, data, settings):
         "head_norm_final": result.head_norm_final,
         "feature_change": ft_logs.get("feature_change", [0.0])[-1],
         "lp_epochs": len(result.lp_history.epoch) if result.lp_history else 0,
+        "lp_l2": result.lp_l2,
         "seconds": seconds,
     }
     print(
@@ -198,7 +208,7 @@ def main():
     else:
         counts, seeds = (40, 20, 40), list(range(args.seeds))
         settings = {"sequence_length": 64, "epochs": 3, "batch_size": 16}
-    settings.update(lora_rank=8, probe_size=32)
+    settings.update(lora_rank=8, probe_size=32, lp_l2_grid=[1e-2, 1e-3, 1e-4, 1e-5])
 
     texts, labels, test_texts, test_labels, names = bbc.load_bbc_news()
     train_index, val_index = split_per_class(labels, counts[:2], seed=0)
@@ -235,6 +245,8 @@ def main():
             rows.append(row)
             if method == "LP":
                 lp_row = row
+                settings["lp_l2"] = row["lp_l2"]
+                print(f"  LP chose l2 = {row['lp_l2']:g} on the validation split")
             if seed == seeds[0]:
                 diagram_logits[method] = test_logits
                 diagram_temperatures[method] = temperature

@@ -32,10 +32,10 @@ loaded = tf.saved_model.load(path)
 serve = loaded.signatures["serving_default"]
 inputs = dict(np.load(inputs_file))
 outputs = serve(**{k: tf.constant(v) for k, v in inputs.items()})
-sizes = [int(np.prod(v.shape)) for v in loaded.variables]
+weights = [int(np.prod(v.shape)) for v in loaded.variables if v.dtype.is_floating]
 np.savez(
     outputs_file,
-    __variables__=np.array([len(sizes), sum(sizes)]),
+    __variables__=np.array([len(loaded.variables), sum(weights)]),
     **{k: v.numpy() for k, v in outputs.items()},
 )
 """
@@ -54,7 +54,8 @@ class ExportReport:
         merged_layers: paths of the layers whose adapters were merged.
         inputs: `{name: (shape, dtype)}` of the `serving_default` signature.
         num_variables: variables in the reloaded SavedModel.
-        num_parameters: their total size.
+        num_parameters: the total size of its floating-point variables (the
+            weights; random-seed states are not counted).
         max_relative_difference: between the reloaded SavedModel and the
             (unmerged) model on the verification inputs; None if not verified.
         notes: anything worth knowing (e.g. "the model has no adapters").
@@ -448,13 +449,14 @@ def _max_relative_difference(outputs, expected):
 
 
 def _loaded_variables(directory, needs_text_ops=False):
-    """`(count, total size)` of the variables of a SavedModel."""
+    """`(variables, floating-point parameters)` of a SavedModel."""
     import tensorflow as tf
 
     if needs_text_ops:
         import tensorflow_text  # noqa: F401
-    sizes = [int(np.prod(v.shape)) for v in tf.saved_model.load(directory).variables]
-    return len(sizes), sum(sizes)
+    variables = tf.saved_model.load(directory).variables
+    weights = [int(np.prod(v.shape)) for v in variables if v.dtype.is_floating]
+    return len(variables), sum(weights)
 
 
 def _move_into_place(staging, path):

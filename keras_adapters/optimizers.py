@@ -283,22 +283,27 @@ class LearningRateMultipliers(keras.optimizers.Optimizer):
                 f"LearningRateMultipliers does not take {sorted(kwargs)}; set "
                 "them on the wrapped optimizer."
             )
-        rule_sets = ()
-        if isinstance(optimizer, LearningRateMultipliers):
-            if optimizer.built:
-                raise ValueError(
-                    f"Optimizer '{optimizer.name}' is already built; add rules "
-                    "before compiling or training with it."
-                )
-            rule_sets = optimizer.rule_sets
-            optimizer = optimizer.inner_optimizer
-            object.__setattr__(optimizer, "_keras_adapters_lr_owner", None)
-        _check_inner(optimizer)
         if not isinstance(scale_weight_decay, bool):
             raise ValueError(
                 f"`scale_weight_decay` must be a bool; received {scale_weight_decay!r}."
             )
         rule_set = _parse(multipliers)
+        rule_sets, wrapper = (), None
+        if isinstance(optimizer, LearningRateMultipliers):
+            wrapper, optimizer = optimizer, optimizer.inner_optimizer
+            if wrapper.built:
+                raise ValueError(
+                    f"Optimizer '{wrapper.name}' is already built; add rules "
+                    "before compiling or training with it."
+                )
+            if wrapper.scale_weight_decay != scale_weight_decay:
+                raise ValueError(
+                    f"Optimizer '{wrapper.name}' has scale_weight_decay="
+                    f"{wrapper.scale_weight_decay}; pass the same value "
+                    f"(received scale_weight_decay={scale_weight_decay})."
+                )
+            rule_sets = wrapper.rule_sets
+        _check_inner(optimizer, allowed_owner=wrapper)
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = optimizer
         self.scale_weight_decay = scale_weight_decay
@@ -476,7 +481,7 @@ class LearningRateMultipliers(keras.optimizers.Optimizer):
         return optimizer
 
 
-def _check_inner(optimizer):
+def _check_inner(optimizer, allowed_owner=None):
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise ValueError(
             "`optimizer` must be a Keras optimizer instance, such as "
@@ -500,7 +505,7 @@ def _check_inner(optimizer):
         )
     owner = getattr(optimizer, "_keras_adapters_lr_owner", None)
     owner = owner() if owner is not None else None
-    if owner is not None:
+    if owner is not None and owner is not allowed_owner:
         raise ValueError(
             f"Optimizer '{optimizer.name}' is already wrapped by "
             f"'{owner.name}'; wrap that wrapper to add rules, or use a fresh "

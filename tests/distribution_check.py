@@ -132,6 +132,16 @@ def gemma_data():
     return x, np.roll(token_ids, -1, axis=1)
 
 
+TIMINGS = {}
+
+
+@contextlib.contextmanager
+def timed(name):
+    start = time.time()
+    yield
+    TIMINGS[name] = round(time.time() - start, 1)
+
+
 def numpy_of(variable):
     return np.asarray(keras.ops.convert_to_numpy(variable))
 
@@ -224,8 +234,10 @@ def run_jax(results):
     start = time.time()
     data_parallel = keras.distribution.DataParallel(devices=devices)
     x, y = bert_data()
-    single, single_losses = train(bert, BERT_ADAPTERS, x, y)
-    multi, multi_losses = train(bert, BERT_ADAPTERS, x, y, data_parallel.scope())
+    with timed("dp single"):
+        single, single_losses = train(bert, BERT_ADAPTERS, x, y)
+    with timed("dp multi"):
+        multi, multi_losses = train(bert, BERT_ADAPTERS, x, y, data_parallel.scope())
     variables = ka.adapter_variables(multi)
     results["data_parallel"] = {
         "single": single_losses,
@@ -247,22 +259,26 @@ def run_jax(results):
         layout_map=layout_map, batch_dim_name="batch"
     )
     x, y = gemma_data()
-    single, single_losses = train(gemma, GEMMA_ADAPTERS, x, y)
-    multi, multi_losses = train(gemma, GEMMA_ADAPTERS, x, y, model_parallel.scope())
+    with timed("mp single"):
+        single, single_losses = train(gemma, GEMMA_ADAPTERS, x, y)
+    with timed("mp multi"):
+        multi, multi_losses = train(gemma, GEMMA_ADAPTERS, x, y, model_parallel.scope())
     kernels = [layer._kernel for layer in ka.adapted_layers(multi)]
     entry = {
         "single": single_losses,
         "multi": multi_losses,
         "kernel_layouts": layouts(kernels),
         "layouts": layouts(ka.adapter_variables(multi)),
-        "export": export_difference(multi, single, x, model_parallel.scope()),
     }
+    with timed("mp export"):
+        entry["export"] = export_difference(multi, single, x, model_parallel.scope())
     # Merging in place keeps each kernel's layout.
-    single = gemma()
-    enable(single, GEMMA_ADAPTERS)
-    entry["merged_difference"] = merged_difference(
-        multi, single, model_parallel.scope()
-    )
+    with timed("mp merge"):
+        single = gemma()
+        enable(single, GEMMA_ADAPTERS)
+        entry["merged_difference"] = merged_difference(
+            multi, single, model_parallel.scope()
+        )
     entry["merged_kernel_layouts"] = layouts(kernels)
     entry["seconds"] = time.time() - start
     results["model_parallel"] = entry
@@ -274,7 +290,7 @@ def run_jax(results):
         layout_map=keras_hub.models.GemmaBackbone.get_layout_map(mesh),
         batch_dim_name="batch",
     )
-    with automatic.scope():
+    with timed("auto build"), automatic.scope():
         model = gemma()
     try:
         enable(model, GEMMA_ADAPTERS)
@@ -339,6 +355,7 @@ def main(output):
     else:
         raise SystemExit(f"unsupported backend {BACKEND!r}")
     results["seconds"] = time.time() - start
+    results["timings"] = TIMINGS
     with open(output, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -242,28 +242,28 @@ def test_nll_matches_keras_cross_entropy():
     assert cal.nll(logits, labels, 2.0) == pytest.approx(expected, rel=1e-5)
 
 
+Z22 = np.zeros((2, 2))
+
+
 @pytest.mark.parametrize(
-    "call, message",
+    "function, args, kwargs, message",
     [
-        (lambda: cal.fit_temperature(np.zeros((3, 2)), [0, 1, 2]), "labels"),
-        (lambda: cal.fit_temperature(np.zeros((3, 2)), [0, 1]), "shape"),
-        (lambda: cal.fit_temperature(np.full((2, 2), np.nan), [0, 1]), "NaN"),
-        (lambda: cal.fit_temperature(np.zeros((0, 2)), []), "at least one"),
-        (lambda: cal.fit_temperature(np.zeros((2, 2)), [0.5, 1]), "integer"),
-        (lambda: cal.fit_temperature(np.zeros((2, 2)), [0, 1], bounds=(2, 1)), "bounds"),
-        (lambda: cal.fit_temperature(np.zeros((2, 2)), [0, 1], tolerance=0), "tolerance"),
-        (
-            lambda: cal.fit_temperature(np.zeros((2, 2)), [0, 1], max_iterations=0),
-            "max_iterations",
-        ),
-        (lambda: cal.nll(np.zeros((2, 2)), [0, 1], temperature=-1.0), "temperature"),
-        (lambda: cal.TemperatureScaling(0.0), "temperature"),
-        (lambda: cal.calibration_errors(np.zeros((2, 2)), [0, 1], num_bins=0), "num_bins"),
+        (cal.fit_temperature, (np.zeros((3, 2)), [0, 1, 2]), {}, "labels"),
+        (cal.fit_temperature, (np.zeros((3, 2)), [0, 1]), {}, "shape"),
+        (cal.fit_temperature, (np.full((2, 2), np.nan), [0, 1]), {}, "NaN"),
+        (cal.fit_temperature, (np.zeros((0, 2)), []), {}, "at least one"),
+        (cal.fit_temperature, (Z22, [0.5, 1]), {}, "integer"),
+        (cal.fit_temperature, (Z22, [0, 1]), {"bounds": (2, 1)}, "bounds"),
+        (cal.fit_temperature, (Z22, [0, 1]), {"tolerance": 0}, "tolerance"),
+        (cal.fit_temperature, (Z22, [0, 1]), {"max_iterations": 0}, "max_iter"),
+        (cal.nll, (Z22, [0, 1]), {"temperature": -1.0}, "temperature"),
+        (cal.TemperatureScaling, (0.0,), {}, "temperature"),
+        (cal.calibration_errors, (Z22, [0, 1]), {"num_bins": 0}, "num_bins"),
     ],
 )
-def test_validation(call, message):
+def test_validation(function, args, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        call()
+        function(*args, **kwargs)
 
 
 def _classifier():
@@ -308,7 +308,9 @@ def test_reliability_diagram_writes_png(tmp_path):
     with pytest.raises(ValueError, match="png"):
         cal.reliability_diagram(logits, labels, tmp_path / "r.pdf")
     with pytest.raises(ValueError, match="unknown models"):
-        cal.reliability_diagram({"a": logits}, labels, tmp_path / "s.png", temperature={"z": 1.0})
+        cal.reliability_diagram(
+            {"a": logits}, labels, tmp_path / "s.png", temperature={"z": 1.0}
+        )
 
 
 def test_reliability_diagram_without_matplotlib(tmp_path, monkeypatch):

@@ -404,6 +404,7 @@ def test_bad_role(name):
 
 
 def test_bad_optimizer_and_arguments():
+    SGD = keras.optimizers.SGD
     with pytest.raises(ValueError, match="Keras optimizer instance"):
         kopt.lr_multipliers("adam", {})
     with pytest.raises(ValueError, match="not a LossScaleOptimizer"):
@@ -424,10 +425,16 @@ def test_bad_optimizer_and_arguments():
     with pytest.raises(ValueError, match="already wrapped by"):
         kopt.lr_multipliers(inner, {})
     assert wrapper.inner_optimizer is inner
+    # A failed attempt to add rules leaves the wrapper as it was.
+    with pytest.raises(ValueError, match="multiplier"):
+        kopt.lr_multipliers(wrapper, {"head/.*": -1})
+    assert kopt.lr_multipliers(wrapper, {"head/.*": 2}).inner_optimizer is inner
     with pytest.raises(ValueError, match="already built"):
         kopt.lr_multipliers(_built({}), {})
     with pytest.raises(ValueError, match="must be a dict"):
         kopt.lr_multipliers(keras.optimizers.SGD(), [("head/.*", 2.0)])
+    with pytest.raises(ValueError, match="has scale_weight_decay=True"):
+        kopt.loraplus(kopt.attention_lr(SGD(), 4), 16, scale_weight_decay=False)
     with pytest.raises(ValueError, match="`scale_weight_decay` must be a bool"):
         kopt.lr_multipliers(keras.optimizers.SGD(), {}, scale_weight_decay="yes")
     with pytest.raises(ValueError, match="does not take"):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import keras_adapters as ka
+from keras_adapters import layers as adapter_layers
 
 RNG = np.random.default_rng(1234)
 
@@ -62,15 +63,9 @@ def reference_scale(adapter, layer, d):
 
 def randomize(layer, spread=0.5):
     """Random, non-identity values for every adapter variable of `layer`."""
-    for variable in _variables(layer):
+    for variable in adapter_layers.adapter_variables(layer).values():
         value = np.asarray(variable) + spread * RNG.normal(size=variable.shape)
         variable.assign(value.astype("float32"))
-
-
-def _variables(layer):
-    from keras_adapters import layers as adapter_layers
-
-    return list(adapter_layers.adapter_variables(layer).values())
 
 
 # ------------------------------------------------------------------- layers
@@ -184,19 +179,13 @@ def test_output_and_merge_match_reference(layout, adapter_id):
     np.testing.assert_allclose(kernel, merged, rtol=1e-4, atol=1e-4)
 
     ka.merge_adapters(model)
-    assert not _has_adapter(layer)
+    assert not adapter_layers.is_adapted(layer)
     np.testing.assert_allclose(
         base_matrix(layout, layer._kernel), merged, rtol=1e-4, atol=1e-4
     )
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(model(x)), outputs, rtol=1e-5, atol=1e-5
     )
-
-
-def _has_adapter(layer):
-    from keras_adapters import layers as adapter_layers
-
-    return adapter_layers.is_adapted(layer)
 
 
 @pytest.mark.parametrize("d", [2, 3, 5, 8, 13])
@@ -412,7 +401,7 @@ def test_input_dimension_one_is_rejected(adapter):
     model, layer = build_dense(1, 4)
     with pytest.raises(ValueError, match="d_in >= 2"):
         ka.enable_adapter(model, adapter, targets="proj")
-    assert not _has_adapter(layer)
+    assert not adapter_layers.is_adapted(layer)
     assert ka.adapter_variables(model) == []
 
 

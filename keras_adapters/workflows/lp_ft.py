@@ -235,8 +235,8 @@ def _check_labels(y, num_classes):
     return y.astype("int32")
 
 
-def _features_and_labels(extractor, train_data, batch_size):
-    kind, x, y = _check_train_data(train_data)
+def _features_and_labels(extractor, train_data, batch_size, name="train_data"):
+    kind, x, y = _check_train_data(train_data, name)
     if kind == "arrays":
         features = extractor.predict(x, batch_size=batch_size, verbose=0)
         return np.asarray(features), y
@@ -244,13 +244,13 @@ def _features_and_labels(extractor, train_data, batch_size):
     for batch in train_data:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError(
-                "`train_data` must yield `(x, y)` batches; received an element "
+                f"`{name}` must yield `(x, y)` batches; received an element "
                 f"of type {type(batch).__name__}."
             )
         features.append(np.asarray(extractor.predict_on_batch(batch[0])))
         labels.append(_to_numpy(batch[1]).reshape(-1))
     if not features:
-        raise ValueError("`train_data` is an empty dataset.")
+        raise ValueError(f"`{name}` is an empty dataset.")
     return np.concatenate(features), np.concatenate(labels)
 
 
@@ -259,7 +259,8 @@ def linear_probe(
     train_data,
     *,
     head=None,
-    l2: float | None = None,
+    l2=None,
+    validation_data=None,
     epochs: int = 1000,
     learning_rate: float = 0.05,
     tolerance: float = 1e-6,
@@ -280,8 +281,11 @@ def linear_probe(
     other weight of `model` changes.
 
     `l2 = 1 / (2 C n)` corresponds to scikit-learn's
-    `LogisticRegression(C=C)` on `n` examples (the paper chooses `C` by
-    cross-validation); the default `None` is scikit-learn's `C = 1`.
+    `LogisticRegression(C=C)` on `n` examples; the default `None` is
+    scikit-learn's `C = 1`. The paper picks `C` by cross-validation
+    (`LogisticRegressionCV`); here a sequence of `l2` values with
+    `validation_data` picks the one whose head has the lowest validation
+    cross-entropy.
 
     Args:
         model: a built functional model or KerasHub `Task` (with
@@ -290,7 +294,10 @@ def linear_probe(
             of `(x, y)` batches (iterated once).
         head: the head (see `find_head`).
         l2: float >= 0, the penalty `l2 * ||V||_F^2` added to the mean
-            cross-entropy; `None` for `1 / (2 n)`.
+            cross-entropy; `None` for `1 / (2 n)`; or a sequence of such
+            floats to choose from on `validation_data`.
+        validation_data: `(x, y)` or a dataset, as `train_data`; needed when
+            `l2` is a sequence.
         epochs: int >= 1, the maximum number of full-batch steps.
         learning_rate: float > 0, Adam's learning rate.
         tolerance: float >= 0, the loss improvement that counts as progress.
@@ -299,8 +306,11 @@ def linear_probe(
         verbose: passed to `fit`.
 
     Returns:
-        The `History` of the head's fit: `loss`, `accuracy` and `head_norm`
-        per epoch.
+        The `History` of the chosen head's fit: `loss` (with the penalty),
+        `accuracy` and `head_norm` per epoch. Also `history.l2`, the `l2`
+        used; `history.l2_scores`, `{l2: validation loss}` when choosing; and
+        with validation data `history.validation`, the fitted head's
+        validation `{"loss", "accuracy"}` (cross-entropy, no penalty).
 
     Raises:
         ValueError: on bad arguments or labels, or a head that cannot be
@@ -309,35 +319,100 @@ def linear_probe(
     Example:
 
     ```python
-    history = ka.workflows.linear_probe(classifier, (train_x, train_y))
-    history.history["head_norm"][-1]
+    history = ka.workflows.linear_probe(
+        classifier, (train_x, train_y),
+        l2=(1e-4, 1e-3, 1e-2), validation_data=(val_x, val_y),
+    )
+    history.l2, history.history["head_norm"][-1]
     ```
     """
     layer = _check_probe_model(model, head)
-    if l2 is not None:
-        l2 = _check_positive("l2", l2, allow_zero=True)
+    candidates = _check_l2(l2)
+    if len(candidates) > 1 and validation_data is None:
+        raise ValueError("Choosing among several `l2` values needs `validation_data`.")
     epochs = _check_int("epochs", epochs, 1)
     learning_rate = _check_positive("learning_rate", learning_rate)
     tolerance = _check_positive("tolerance", tolerance, allow_zero=True)
     patience = _check_int("patience", patience, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
     extractor = heads.feature_extractor(model, layer)
-    features, labels = _features_and_labels(extractor, train_data, batch_size)
     num_classes = layer.kernel.shape[-1]
-    labels = _check_labels(labels, num_classes)
-    features = features.reshape(len(features), -1).astype("float32")
-    if features.shape[1] != layer.kernel.shape[0]:
-        raise ValueError(
-            f"The head '{layer.name}' takes {layer.kernel.shape[0]} features but "
-            f"its input has {features.shape[1]}; lp_ft needs a head applied to "
-            "a (batch, features) tensor."
-        )
-    if l2 is None:
-        l2 = 1.0 / (2.0 * len(features))
 
+    def features_of(data, name):
+        features, labels = _features_and_labels(extractor, data, batch_size, name)
+        features = features.reshape(len(features), -1).astype("float32")
+        if features.shape[1] != layer.kernel.shape[0]:
+            raise ValueError(
+                f"The head '{layer.name}' takes {layer.kernel.shape[0]} features "
+                f"but its input has {features.shape[1]}; linear probing needs a "
+                "head applied to a (batch, features) tensor."
+            )
+        return features, _check_labels(labels, num_classes)
+
+    features, labels = features_of(train_data, "train_data")
+    validation = None
+    if validation_data is not None:
+        validation = features_of(validation_data, "validation_data")
+    candidates = [1.0 / (2.0 * len(features)) if c is None else c for c in candidates]
+
+    best, scores = None, {}
+    for l2_value in candidates:
+        probe_head, history = _fit_head(
+            features,
+            labels,
+            validation,
+            l2_value,
+            num_classes=num_classes,
+            use_bias=layer.bias is not None,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            tolerance=tolerance,
+            patience=patience,
+            verbose=verbose,
+        )
+        if len(candidates) > 1:
+            scores[l2_value] = history.validation["loss"]
+            if best is not None and scores[l2_value] >= scores[best[0]]:
+                continue
+        best = (l2_value, probe_head, history)
+    l2_value, probe_head, history = best
+    layer.kernel.assign(ops.cast(probe_head.kernel, layer.kernel.dtype))
+    if layer.bias is not None:
+        layer.bias.assign(ops.cast(probe_head.bias, layer.bias.dtype))
+    history.l2 = l2_value
+    history.l2_scores = scores
+    history.validation = getattr(history, "validation", None)
+    return history
+
+
+def _check_l2(l2):
+    values = list(l2) if isinstance(l2, (list, tuple)) else [l2]
+    if not values:
+        raise ValueError("`l2` is an empty sequence.")
+    for value in values:
+        if value is not None:
+            _check_positive("l2", value, allow_zero=True)
+    return [None if v is None else float(v) for v in values]
+
+
+def _fit_head(
+    features,
+    labels,
+    validation,
+    l2,
+    *,
+    num_classes,
+    use_bias,
+    epochs,
+    learning_rate,
+    tolerance,
+    patience,
+    verbose,
+):
+    """A zero-initialised `Dense` head fitted full-batch on fixed features."""
     probe_head = keras.layers.Dense(
         num_classes,
-        use_bias=layer.bias is not None,
+        use_bias=use_bias,
         kernel_initializer="zeros",
         bias_initializer="zeros",
         kernel_regularizer=keras.regularizers.L2(l2) if l2 > 0 else None,
@@ -367,11 +442,14 @@ def linear_probe(
             ),
         ],
     )
-    layer.kernel.assign(ops.cast(probe_head.kernel, layer.kernel.dtype))
-    if layer.bias is not None:
-        layer.bias.assign(ops.cast(probe_head.bias, layer.bias.dtype))
-    history.l2 = l2
-    return history
+    if validation is not None:
+        # The validation loss of the final head (without the L2 penalty).
+        logits = head_model.predict(validation[0], batch_size=4096, verbose=0)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        value = float(ops.convert_to_numpy(loss(validation[1], logits)))
+        accuracy = float(np.mean(np.argmax(logits, axis=-1) == validation[1]))
+        history.validation = {"loss": value, "accuracy": accuracy}
+    return probe_head, history
 
 
 def _shuffled_dataset(x, y, batch_size, seed):
@@ -462,7 +540,7 @@ def lp_ft(
     jit_compile=True,
     probe=None,
     probe_size: int = 64,
-    lp_l2: float | None = None,
+    lp_l2=None,
     lp_epochs: int = 1000,
     lp_learning_rate: float = 0.05,
     seed: int | None = None,
@@ -505,13 +583,15 @@ def lp_ft(
         loss: stage-2 loss; default sparse categorical cross-entropy on
             logits.
         metrics: stage-2 metrics; default `["accuracy"]`.
-        validation_data: passed to the stage-2 `fit`.
+        validation_data: `(x, y)`; chooses `lp_l2` among several in stage 1,
+            and is passed to the stage-2 `fit`.
         callbacks: extra stage-2 callbacks.
         jit_compile: passed to `compile` for stage 2.
         probe: inputs on which `feature_change` is measured; default the
             first `probe_size` training examples (array inputs only).
         probe_size: int >= 0; 0 disables feature-change tracking.
-        lp_l2: `l2` of `linear_probe`.
+        lp_l2: `l2` of `linear_probe`: a float, None, or a sequence to choose
+            from on `validation_data`.
         lp_epochs: `epochs` of `linear_probe`.
         lp_learning_rate: `learning_rate` of `linear_probe`.
         seed: optional int >= 0, the seed of the stage-2 shuffling of array
@@ -593,6 +673,7 @@ def lp_ft(
             train_data if kind == "dataset" else (x, y),
             head=layer,
             l2=lp_l2,
+            validation_data=validation_data,
             epochs=lp_epochs,
             learning_rate=lp_learning_rate,
             verbose=verbose,
@@ -644,6 +725,7 @@ def lp_ft(
             ft_history = model.fit(
                 train_data,
                 epochs=epochs,
+                shuffle=False,  # The dataset shuffles itself (or not).
                 validation_data=validation_data,
                 callbacks=fit_callbacks,
                 verbose=verbose,
