@@ -5,7 +5,10 @@ methods `enable_adapter`, `merge_adapters`, `save_adapter_weights` and
 `load_adapter_weights` (never replacing a KerasHub method of the same name).
 """
 
+from keras_adapters import calibration
+from keras_adapters import distribution
 from keras_adapters import optimizers
+from keras_adapters import workflows
 from keras_adapters.adapters import GOFT
 from keras_adapters.adapters import HUT
 from keras_adapters.adapters import QGOFT
@@ -46,6 +49,8 @@ __all__ = [
     "adapter_variables",
     "attention",
     "attention_full",
+    "calibration",
+    "distribution",
     "enable_adapter",
     "export_saved_model",
     "load_adapter_weights",
@@ -55,6 +60,7 @@ __all__ = [
     "register_adapter",
     "role",
     "save_adapter_weights",
+    "workflows",
 ]
 
 _MODEL_METHODS = {

@@ -49,6 +49,15 @@ import keras
 
 from keras_adapters import _keras_internals as internals
 from keras_adapters.layers import KernelView
+from keras_adapters.layers import check_supported
+from keras_adapters.layers import is_adapted
+
+__all__ = [
+    "KernelDerivedLayout",
+    "adapter_layout_map",
+    "adapter_variable_axes",
+    "view_mesh_axes",
+]
 
 INPUT = "in"
 OUTPUT = "out"
@@ -84,10 +93,10 @@ class KernelDerivedLayout(keras.distribution.TensorLayout):
 
     def resolve(self, view, variable_axes):
         """The `TensorLayout` of an adapter variable of a layer with `view`."""
-        return derived_layout(self.axes, self.device_mesh, view, variable_axes)
+        return _derived_layout(self.axes, self.device_mesh, view, variable_axes)
 
 
-def derived_layout(kernel_axes, device_mesh, view, variable_axes):
+def _derived_layout(kernel_axes, device_mesh, view, variable_axes):
     """The layout of an adapter variable, derived from its kernel's layout.
 
     Args:
@@ -114,7 +123,7 @@ def view_mesh_axes(kernel_axes, view, device_mesh=None) -> tuple:
         kernel_axes: the kernel's layout: one mesh axis name (or None) per
             kernel axis, in the kernel's own axis order.
         view: the kernel's `KernelView` (`perm` lists the input axes, then
-            the output axes).
+            the output axes), or the built `Dense`/`EinsumDense` layer.
         device_mesh: optional `keras.distribution.DeviceMesh`; with it, an
             axis whose flattened size is not divisible by the mesh axis size
             is replicated (None).
@@ -132,6 +141,12 @@ def view_mesh_axes(kernel_axes, view, device_mesh=None) -> tuple:
     view_mesh_axes(("model", "batch", None), view)  # ("batch", "model")
     ```
     """
+    view = _as_view(view)
+    if isinstance(kernel_axes, str) or not isinstance(kernel_axes, (tuple, list)):
+        raise ValueError(
+            "`kernel_axes` must be a tuple with one mesh axis name or None per "
+            f"kernel axis; received {kernel_axes!r}."
+        )
     kernel_axes = tuple(kernel_axes)
     if len(kernel_axes) != len(view.kernel_shape):
         raise ValueError(
@@ -157,12 +172,23 @@ def view_mesh_axes(kernel_axes, view, device_mesh=None) -> tuple:
     )
 
 
+def _as_view(view):
+    if isinstance(view, KernelView):
+        return view
+    if isinstance(view, keras.layers.Layer):
+        return check_supported(view) if not is_adapted(view) else KernelView(view)
+    raise ValueError(
+        "`view` must be a KernelView or a built Dense/EinsumDense layer; "
+        f"received {view!r}."
+    )
+
+
 def adapter_variable_axes(kernel_axes, view, variable_axes, device_mesh=None):
     """The layout (mesh axis names) of one adapter variable.
 
     Args:
         kernel_axes: the kernel's layout, one mesh axis name or None per axis.
-        view: the kernel's `KernelView`.
+        view: the kernel's `KernelView`, or the built layer.
         variable_axes: for each axis of the adapter variable, `"in"` (it runs
             along the view's `d_in`), `"out"` (along `d_out`) or None.
         device_mesh: optional `keras.distribution.DeviceMesh` (see
@@ -180,6 +206,11 @@ def adapter_variable_axes(kernel_axes, view, variable_axes, device_mesh=None):
     adapter_variable_axes((None, "model"), view, (None, "out"))  # (None, "model")
     ```
     """
+    if isinstance(variable_axes, str) or not isinstance(variable_axes, (tuple, list)):
+        raise ValueError(
+            "`variable_axes` must be a tuple of 'in', 'out' or None, one per "
+            f"axis of the adapter variable; received {variable_axes!r}."
+        )
     bad = [a for a in variable_axes if a not in (INPUT, OUTPUT, None)]
     if bad:
         raise ValueError(
@@ -238,11 +269,11 @@ def adapter_layout_map(layout_map):
 
     Returns:
         A new `keras.distribution.LayoutMap` on the same device mesh; the
-        argument is not modified.
+        argument is not modified. Entries already present under a derived
+        key are kept, so applying it twice changes nothing.
 
     Raises:
-        ValueError: if `layout_map` is not a `LayoutMap`, or if it already
-            has an entry under a derived key.
+        ValueError: if `layout_map` is not a `LayoutMap`.
 
     Example:
 
@@ -274,14 +305,12 @@ def adapter_layout_map(layout_map):
         prefix = key[: -len(_KERNEL_SUFFIX)]
         if _is_complete_regex(prefix):
             derived[f"{prefix}(?:{names})"] = KernelDerivedLayout(layout)
+    # `key in extended` would regex-match; only exact keys count. An
+    # existing entry (from an earlier call, or the user's) is kept.
+    existing = set(extended)
     for key, layout in derived.items():
-        # `key in extended` would regex-match; only exact keys collide.
-        if key in list(extended):
-            raise ValueError(
-                f"The layout map already has an entry for {key!r}; "
-                "adapter_layout_map() was applied twice?"
-            )
-        extended[key] = layout
+        if key not in existing:
+            extended[key] = layout
     return extended
 
 
@@ -405,17 +434,11 @@ def variable_layout_scope(layer, name, shape, variable_axes):
         if kernel_layout is None:
             yield
             return
-        layout = derived_layout(
+        layout = _derived_layout(
             kernel_layout.axes, kernel_layout.device_mesh, view, variable_axes
         )
-    elif len(layout.axes) != len(shape):
-        raise ValueError(
-            f"The layout map entry for '{path}' has {len(layout.axes)} axes "
-            f"{layout.axes} but the adapter variable has shape {tuple(shape)}. "
-            "Anchor the key that matches it (for example end it with "
-            "'kernel'), or give adapter variables their own entries with "
-            "ka.distribution.adapter_layout_map()."
-        )
+    else:
+        _check_rank(layout, path, len(shape))
     keras.distribution.set_distribution(_PinnedLayout(active, path, layout))
     try:
         yield
@@ -423,25 +446,27 @@ def variable_layout_scope(layer, name, shape, variable_axes):
         keras.distribution.set_distribution(active)
 
 
-def check_variable_placement(layers):
-    """Raises `ValueError` if adapter variables would be placed unlike `layers`.
+def check_variable_placement(adapter, layers):
+    """Raises `ValueError` if `adapter`'s variables cannot be placed like `layers`.
 
-    Adapter variables are created by `enable_adapter`, after the model. They
-    must be created under the same distribution as the model's variables:
+    `enable_adapter` calls this before it changes anything. Adapter variables
+    are created after the model, and must be created under the same
+    distribution as the model's variables:
 
     - JAX: if the kernels were created under a `keras.distribution`, one must
-      be active now, and the other way round;
+      be active now, and the other way round; an entry of the active layout
+      map that matches an adapter variable must have the variable's rank.
     - TensorFlow: if the kernels are `tf.distribute` variables, their
       strategy's `scope()` must be active now, and the other way round.
 
     Args:
+        adapter: the adapter about to be attached.
         layers: the layers about to be adapted.
     """
-    if not layers:
-        return
     backend = keras.backend.backend()
     if backend == "jax":
         _check_jax_placement(layers)
+        _check_layout_entries(adapter, layers)
     elif backend == "tensorflow":
         _check_tf_placement(layers)
 
@@ -460,11 +485,44 @@ def _check_jax_placement(layers):
             )
         if not laid_out and active is not None:
             raise ValueError(
-                f"A keras.distribution is active, but the kernel of layer "
+                "A keras.distribution is active, but the kernel of layer "
                 f"'{layer.path}' was created without one (the model was built "
                 "before the distribution was set). Build the model under the "
                 "distribution, then enable adapters under it too."
             )
+
+
+def _check_layout_entries(adapter, layers):
+    active = keras.distribution.distribution()
+    if active is None:
+        return
+    for layer in layers:
+        for name, axes in adapter.variable_axes.items():
+            path = f"{layer.path}/{name}"
+            try:
+                layout = _explicit_layout(active, path)
+            except ValueError as error:
+                raise ValueError(
+                    f"The layout map is ambiguous for adapter variable '{path}': "
+                    f"{error}"
+                ) from None
+            _check_rank(layout, path, len(axes))
+
+
+def _check_rank(layout, path, rank):
+    if (
+        layout is None
+        or isinstance(layout, KernelDerivedLayout)
+        or len(layout.axes) == rank
+    ):
+        return
+    raise ValueError(
+        f"The layout map entry for '{path}' has {len(layout.axes)} axes "
+        f"{tuple(layout.axes)}, but that adapter variable has {rank}. Anchor "
+        "the key that matches it (for example end it with 'kernel'), or give "
+        "adapter variables their own entries with "
+        "ka.distribution.adapter_layout_map()."
+    )
 
 
 def _check_tf_placement(layers):
@@ -479,10 +537,10 @@ def _check_tf_placement(layers):
         if strategy is not None and current is not strategy:
             raise ValueError(
                 f"The kernel of layer '{layer.path}' is a "
-                f"{type(strategy).__name__} variable, so the model was built "
-                "inside `strategy.scope()`; call enable_adapter inside the same "
+                f"{type(strategy).__name__} variable: the model was built inside "
+                "`strategy.scope()`. Call enable_adapter inside the same "
                 "`with strategy.scope():` so that the adapter variables are "
-                "created as distributed variables too."
+                "distributed variables too."
             )
         if strategy is None and current is not None:
             raise ValueError(

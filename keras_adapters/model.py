@@ -240,7 +240,7 @@ def enable_adapter(
             f"No layer of model '{model.name}' can take the adapter; the targets "
             f"matched only:\n{reasons}"
         )
-    adapter_distribution.check_variable_placement([layer for layer, _ in plan])
+    adapter_distribution.check_variable_placement(adapter, [layer for layer, _ in plan])
 
     if state is None:
         state = _AdapterState()

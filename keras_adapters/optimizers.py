@@ -474,10 +474,11 @@ class LearningRateMultipliers(keras.optimizers.Optimizer):
             config.pop("optimizer"), custom_objects=custom_objects
         )
         rule_sets = config.pop("multipliers")
+        name = config.pop("name", None)
         for i, rule_set in enumerate(rule_sets):
             rules = {_rule_from_config(rule, custom_objects): m for rule, m in rule_set}
             last = i == len(rule_sets) - 1
-            optimizer = cls(optimizer, rules, **(config if last else {}))
+            optimizer = cls(optimizer, rules, name=name if last else None, **config)
         return optimizer
 
 

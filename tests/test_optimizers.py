@@ -315,6 +315,7 @@ def test_get_config_round_trip():
         kopt.lr_multipliers(
             keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(LR, 10)),
             {ka.role("value"): 4, r".*/lora_b": 2.5},
+            scale_weight_decay=False,
         ),
         {is_head: 3.0},
         scale_weight_decay=False,

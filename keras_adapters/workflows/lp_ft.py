@@ -181,10 +181,11 @@ def _is_dataset(data):
 
 
 def _num_examples(x):
-    if isinstance(x, dict):
-        if not x:
-            raise ValueError("The inputs `x` are an empty dict.")
-        lengths = {name: len(value) for name, value in x.items()}
+    if isinstance(x, (dict, list, tuple)):
+        items = x.items() if isinstance(x, dict) else enumerate(x)
+        lengths = {name: len(value) for name, value in items}
+        if not lengths:
+            raise ValueError("The inputs `x` are an empty structure.")
         if len(set(lengths.values())) != 1:
             raise ValueError(f"The arrays of `x` differ in length: {lengths}.")
         return next(iter(lengths.values()))
@@ -194,6 +195,8 @@ def _num_examples(x):
 def _take(x, count):
     if isinstance(x, dict):
         return {name: value[:count] for name, value in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(value[:count] for value in x)
     return x[:count]
 
 
