@@ -34,9 +34,7 @@ ROOT = DOCS.parent
 PAGES = sorted(DOCS.rglob("*.md")) + [ROOT / "README.md"]
 # Pages whose python blocks are not run yet, with the reason. Remove an entry
 # once the page marks its non-runnable blocks with <!-- skip -->.
-NOT_RUN = {
-    "serving.md": "its first block uses an undefined `classifier`",
-}
+NOT_RUN = {}
 # Pages whose python blocks run (relative to docs/): all others.
 RUNNABLE_PAGES = sorted(
     name

@@ -159,7 +159,7 @@ def check_supported(layer):
     """
     if not isinstance(layer, SUPPORTED_LAYERS):
         raise UnsupportedLayerError(
-            f"Layer '{layer.path or layer.name}' is a {type(layer).__name__}; "
+            f"Layer '{layer.path or layer.name}' is of type {type(layer).__name__}; "
             "adapters attach to Dense and EinsumDense layers."
         )
     if is_adapted(layer):
