@@ -127,12 +127,14 @@ def run(methods, warmup, steps, rounds):
             models[method].train_on_batch(x, y)
         compile_seconds[method] = time.perf_counter() - start
         print(f"  ready: {method} ({compile_seconds[method]:.1f} s)", flush=True)
-    for _ in range(rounds):
+    for i in range(rounds):
         for method in methods:
             for _ in range(steps):
                 start = time.perf_counter()
                 models[method].train_on_batch(x, y)
                 times[method].append(time.perf_counter() - start)
+        medians = ", ".join(f"{m} {statistics.median(times[m]):.3f}" for m in methods)
+        print(f"  round {i + 1}/{rounds}: median s so far: {medians}", flush=True)
     rows = []
     for method in methods:
         rows.append(

@@ -365,8 +365,9 @@ class _CalibrationError(keras.metrics.Metric):
             if self.from_logits:
                 p = ops.sigmoid(p)
             confidence = ops.maximum(p, 1.0 - p)
-            predicted = ops.cast(p > 0.5, "int32")
-            labels = ops.cast(ops.reshape(y_true, (-1,)) > 0.5, "int32")
+            predicted = ops.cast(ops.greater(p, 0.5), "int32")
+            labels = ops.reshape(ops.cast(y_true, self.dtype), (-1,))
+            labels = ops.cast(ops.greater(labels, 0.5), "int32")
         else:
             probs = ops.softmax(y_pred, axis=-1) if self.from_logits else y_pred
             confidence = ops.max(probs, axis=-1)

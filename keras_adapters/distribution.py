@@ -387,7 +387,12 @@ class _PinnedLayout:
 
 
 def _explicit_layout(distribution, path):
-    """The active layout map's entry for `path`, or None."""
+    """The active layout map's entry for `path`, or None.
+
+    `ModelParallel` answers `get_tensor_layout(path)` from its layout map and
+    returns None without a matching entry (its `get_variable_layout` would
+    fall back to a replicated layout instead); `DataParallel` returns None.
+    """
     try:
         return distribution.get_tensor_layout(path)
     except NotImplementedError:

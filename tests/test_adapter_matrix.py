@@ -73,7 +73,7 @@ def trained(request, tmp_path_factory):
     model.compile(
         optimizer=keras.optimizers.Adam(3e-2), loss=case.loss, jit_compile=True
     )
-    history = model.fit(case.x, case.y, batch_size=BATCH, epochs=40, verbose=0)
+    history = model.fit(case.x, case.y, batch_size=BATCH, epochs=60, verbose=0)
     path = str(tmp_path_factory.mktemp(f"{adapter_id}-{model_id}") / "a.weights.h5")
     ka.save_adapter_weights(model, path)
     return Trained(

@@ -155,7 +155,7 @@ def test_linear_probe_fits_the_head_only():
     x, y = _blobs()
     before = {v.path: _numpy(v).copy() for v in model.weights}
     norm_before = ka.workflows.head_norm(model)
-    history = ka.workflows.linear_probe(model, (x, y), l2=1e-4, epochs=200)
+    history = ka.workflows.linear_probe(model, (x, y), l2=1e-4, epochs=10)
     for v in model.weights:
         changed = not np.array_equal(_numpy(v), before[v.path])
         assert changed == v.path.startswith("head/"), v.path
@@ -195,7 +195,7 @@ def test_linear_probe_chooses_l2_on_validation():
         (x[:60], y[:60]),
         l2=[1e-3, 10.0],
         validation_data=(x[60:], y[60:]),
-        epochs=200,
+        epochs=10,
     )
     assert set(history.l2_scores) == {1e-3, 10.0}
     assert history.l2 == min(history.l2_scores, key=history.l2_scores.get)
@@ -217,7 +217,7 @@ def test_lp_ft_functional_model_full():
         optimizer=keras.optimizers.SGD(0.01),
         callbacks=[capture],
         lp_l2=1e-3,
-        lp_epochs=200,
+        lp_epochs=10,
     )
     assert result.head == "head"
     assert result.head_norm_after_lp > result.head_norm_initial
@@ -232,7 +232,7 @@ def test_lp_ft_functional_model_full():
 
 def test_lp_ft_lp_only_and_ft_only():
     x, y = _blobs()
-    lp = ka.workflows.lp_ft(_mlp(), (x, y), finetune=None, lp_epochs=50)
+    lp = ka.workflows.lp_ft(_mlp(), (x, y), finetune=None, lp_epochs=5)
     assert lp.ft_history is None and lp.lp_history is not None
     assert lp.head_norm_final == lp.head_norm_after_lp
     ft = ka.workflows.lp_ft(_mlp(), (x, y), probe_first=False, epochs=1)
@@ -381,7 +381,9 @@ def test_gaussian_inputs_are_fresh_every_call():
 
 def test_lora_student_recovers_the_planted_direction():
     problem = ts.make_problem(dim=16, hidden=2, seed=0)
-    run = ts.train_student(problem, "lora", steps=1200, log_every=300, batch_size=4)
+    run = ts.train_student(
+        problem, "lora", steps=1200, log_every=300, batch_size=4, learning_rate=0.1
+    )
     assert run.steps.tolist() == [0, 300, 600, 900, 1200]
     assert run.overlap[-1] > 0.9
     assert run.relative_loss[-1] < 0.1

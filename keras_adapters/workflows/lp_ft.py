@@ -264,10 +264,11 @@ def linear_probe(
     head=None,
     l2=None,
     validation_data=None,
-    epochs: int = 1000,
+    epochs: int = 100,
+    steps_per_epoch: int | None = None,
     learning_rate: float = 0.05,
     tolerance: float = 1e-6,
-    patience: int = 20,
+    patience: int = 3,
     batch_size: int = 64,
     verbose=0,
 ):
@@ -277,8 +278,9 @@ def linear_probe(
     whole training set. The head is then fitted as a multinomial logistic
     regression with an L2 penalty on its kernel (not its bias): a fresh
     `Dense` layer, started at zero, trained full-batch with Adam and
-    `model.fit` until the loss improves by less than `tolerance` for
-    `patience` epochs (or `epochs` run out). Being convex, the problem has one
+    `model.fit` (`steps_per_epoch` full-batch steps per epoch) until the
+    epoch's mean loss improves by less than `tolerance` for `patience` epochs
+    (or `epochs` run out). Being convex, the problem has one
     solution, so the result does not depend on the head's random
     initialization. The fitted kernel and bias are copied into the head; no
     other weight of `model` changes.
@@ -301,7 +303,11 @@ def linear_probe(
             floats to choose from on `validation_data`.
         validation_data: `(x, y)` or a dataset, as `train_data`; needed when
             `l2` is a sequence.
-        epochs: int >= 1, the maximum number of full-batch steps.
+        epochs: int >= 1, the maximum number of epochs.
+        steps_per_epoch: int >= 1, full-batch steps per epoch: the features
+            are held in memory this many times, so that one epoch runs its
+            steps without returning to Python. `None`: 20, or fewer to keep
+            the copies under 64 MB.
         learning_rate: float > 0, Adam's learning rate.
         tolerance: float >= 0, the loss improvement that counts as progress.
         patience: int >= 1, epochs without progress before stopping.
@@ -334,6 +340,8 @@ def linear_probe(
     if len(candidates) > 1 and validation_data is None:
         raise ValueError("Choosing among several `l2` values needs `validation_data`.")
     epochs = _check_int("epochs", epochs, 1)
+    if steps_per_epoch is not None:
+        steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
     learning_rate = _check_positive("learning_rate", learning_rate)
     tolerance = _check_positive("tolerance", tolerance, allow_zero=True)
     patience = _check_int("patience", patience, 1)
@@ -357,6 +365,8 @@ def linear_probe(
     if validation_data is not None:
         validation = features_of(validation_data, "validation_data")
     candidates = [1.0 / (2.0 * len(features)) if c is None else c for c in candidates]
+    if steps_per_epoch is None:
+        steps_per_epoch = int(min(20, max(1, 2**26 // max(features.nbytes, 1))))
 
     best, scores = None, {}
     for l2_value in candidates:
@@ -368,6 +378,7 @@ def linear_probe(
             num_classes=num_classes,
             use_bias=layer.bias is not None,
             epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
             learning_rate=learning_rate,
             tolerance=tolerance,
             patience=patience,
@@ -407,6 +418,7 @@ def _fit_head(
     num_classes,
     use_bias,
     epochs,
+    steps_per_epoch,
     learning_rate,
     tolerance,
     patience,
@@ -430,10 +442,12 @@ def _fit_head(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile="auto",
+        steps_per_execution=steps_per_epoch,
     )
+    # Every batch is the whole training set.
     history = head_model.fit(
-        features,
-        labels,
+        np.tile(features, (steps_per_epoch, 1)),
+        np.tile(labels, steps_per_epoch),
         batch_size=len(features),
         epochs=epochs,
         shuffle=False,
@@ -544,7 +558,7 @@ def lp_ft(
     probe=None,
     probe_size: int = 64,
     lp_l2=None,
-    lp_epochs: int = 1000,
+    lp_epochs: int = 100,
     lp_learning_rate: float = 0.05,
     seed: int | None = None,
     verbose=0,

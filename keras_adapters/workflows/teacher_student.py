@@ -249,8 +249,13 @@ class GaussianInputs(keras.layers.Layer):
 
 
 def learned_direction(problem, kernel):
-    """The top left singular vector of `kernel - W` (zeros if they are equal)."""
+    """The top left singular vector of `kernel - W`.
+
+    Zeros if `kernel == W`; NaNs if `kernel` is not finite.
+    """
     delta = np.asarray(kernel, "float64") - problem.base_kernel.astype("float64")
+    if not np.all(np.isfinite(delta)):  # A diverged student.
+        return np.full(problem.dim, np.nan)
     if not np.any(delta):
         return np.zeros(problem.dim)
     left, _, _ = np.linalg.svd(delta, full_matrices=False)
@@ -265,7 +270,8 @@ def overlap(problem, kernel) -> float:
         kernel: the student's (effective) `(d, k)` first-layer kernel.
 
     Returns:
-        A float in [0, 1]; 1 when `kernel - W` is along the planted `u`.
+        A float in [0, 1]; 1 when `kernel - W` is along the planted `u`
+        (NaN for a diverged, non-finite kernel).
     """
     _check_problem(problem)
     direction = learned_direction(problem, kernel)
