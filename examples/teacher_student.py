@@ -135,27 +135,35 @@ def plot_scaling(runs, dims, methods, path):
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    figure = Figure(figsize=(5, 4))
+    figure = Figure(figsize=(9, 3.8))
     FigureCanvasAgg(figure)
-    ax = figure.subplots()
-    for i, method in enumerate(methods):
-        xs, ys = [], []
-        for dim in dims:
-            reached = [
-                r.steps_to(overlap=THRESHOLDS["overlap"])
-                for r in runs
-                if r.dim == dim and r.method == method
-            ]
-            if reached and all(s is not None for s in reached):
-                xs.append(dim)
-                ys.append(float(np.median(reached)))
-        if xs:
-            ax.loglog(xs, ys, "o-", color=f"C{i}", label=method)
+    axes = figure.subplots(1, 2)
     reference = np.array(dims, dtype=float)
-    ax.loglog(reference, 15 * reference, "k--", linewidth=0.8, label="15 d")
-    ax.set_xlabel("d")
-    ax.set_ylabel("steps to overlap 0.9 (median)")
-    ax.legend(fontsize=8)
+    for ax, (key, threshold) in zip(axes, THRESHOLDS.items(), strict=True):
+        for i, method in enumerate(methods):
+            xs, ys = [], []
+            for dim in dims:
+                reached = [
+                    r.steps_to(**{key: threshold})
+                    for r in runs
+                    if r.dim == dim and r.method == method
+                ]
+                if reached and all(s is not None for s in reached):
+                    xs.append(dim)
+                    ys.append(float(np.median(reached)))
+            if xs:
+                ax.loglog(xs, ys, "o-", color=f"C{i}", label=method)
+        factor = 10 if key == "overlap" else 20
+        ax.loglog(reference, factor * reference, "k--", lw=0.8, label=f"{factor} d")
+        name = "overlap" if key == "overlap" else "test loss / base loss"
+        ax.set_title(
+            f"steps to {name} {'>=' if key == 'overlap' else '<='} "
+            f"{threshold} (median over seeds)",
+            fontsize=9,
+        )
+        ax.set_xlabel("d")
+        ax.set_ylabel("SGD steps")
+        ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return path

@@ -133,7 +133,7 @@ def test_fit_with_jit_reduces_the_loss(trained):
     assert np.all(np.isfinite(trained.losses))
     # Full-batch steps on a fixed batch: a steady decrease is the signal.
     # (Tiny causal LMs with frozen random embeddings learn slowly.)
-    assert trained.losses[-1] < 0.99 * trained.losses[0], trained.losses
+    assert trained.losses[-1] < trained.losses[0] - 0.01, trained.losses
     assert min(trained.losses[-5:]) < min(trained.losses[:5]), trained.losses
 
 

@@ -382,9 +382,10 @@ def test_gaussian_inputs_are_fresh_every_call():
 def test_lora_student_recovers_the_planted_direction():
     problem = ts.make_problem(dim=16, hidden=2, seed=0)
     run = ts.train_student(
-        problem, "lora", steps=1200, log_every=300, batch_size=4, learning_rate=0.1
+        problem, "lora", steps=600, log_every=150, batch_size=4, learning_rate=0.1
     )
-    assert run.steps.tolist() == [0, 300, 600, 900, 1200]
+    assert run.steps.tolist() == [0, 150, 300, 450, 600]
+    assert run.overlap[0] < 0.5
     assert run.overlap[-1] > 0.9
     assert run.relative_loss[-1] < 0.1
     assert run.steps_to(overlap=0.9) is not None
