@@ -335,11 +335,14 @@ class _Tracker(keras.callbacks.Callback):
         self.losses.append(float(np.mean((predictions - self.test_y) ** 2)))
         self.overlaps.append(overlap(self.problem, kernel))
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_train_batch_end(self, batch, logs=None):
+        # With `steps_per_execution=log_every`, once every `log_every` steps.
+        # The JAX trainer writes variables back only at the end of an epoch
+        # unless asked to.
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
         self.record()
-        if logs is not None:
-            logs["test_loss"] = self.losses[-1]
-            logs["overlap"] = self.overlaps[-1]
 
 
 def train_student(
@@ -353,15 +356,15 @@ def train_student(
     test_size: int = 4096,
     seed: int = 0,
     jit_compile=True,
-    steps_per_execution: int | None = None,
 ) -> StudentRun:
     """Trains one student on fresh Gaussian batches and logs its progress.
 
     The training model draws `x ~ N(0, I_d)` inside the compiled train step
     (`GaussianInputs`), and outputs `student(x) - teacher(x)`, fitted to zero
     with the mean squared error by `keras.optimizers.SGD`: online SGD with a
-    fresh batch every step. Each "epoch" of `fit` is `log_every` steps; at
-    its end the test loss and the overlap are recorded.
+    fresh batch every step. `fit` runs `log_every` steps per call of its
+    compiled function (`steps_per_execution`); after each, the test loss and
+    the overlap are recorded.
 
     Args:
         problem: a `TeacherStudentProblem`.
@@ -379,8 +382,6 @@ def train_student(
         seed: int >= 0; seeds the LoRA factor `A`, the scratch kernel, the
             test set and the training samples.
         jit_compile: passed to `compile`.
-        steps_per_execution: passed to `compile`; default
-            `min(log_every, 100)`.
 
     Returns:
         A `StudentRun`.
@@ -404,9 +405,6 @@ def train_student(
     if learning_rate is None:
         learning_rate = batch_size / problem.dim
     learning_rate = _check_positive("learning_rate", learning_rate)
-    if steps_per_execution is None:
-        steps_per_execution = min(log_every, 100)
-    steps_per_execution = _check_int("steps_per_execution", steps_per_execution, 1)
     num_logs = -(-steps // log_every)
 
     rng = _rng(seed, 2, problem.seed)
@@ -439,17 +437,17 @@ def train_student(
         optimizer=keras.optimizers.SGD(learning_rate),
         loss="mean_squared_error",
         jit_compile=jit_compile,
-        steps_per_execution=steps_per_execution,
+        steps_per_execution=log_every,
     )
     tracker = _Tracker(problem, student, test_x, test_y)
     tracker.record()
-    zeros = np.zeros((log_every * batch_size, 1), "float32")
+    zeros = np.zeros((num_logs * log_every * batch_size, 1), "float32")
     start = time.perf_counter()
     trainer.fit(
         zeros,
         zeros,
         batch_size=batch_size,
-        epochs=num_logs,
+        epochs=1,
         shuffle=False,
         verbose=0,
         callbacks=[tracker],
