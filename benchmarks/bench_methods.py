@@ -4,9 +4,9 @@ Builds a 6-layer, 384-wide BERT classifier from its config (random weights,
 no download) once per method, compiles it with AdamW and
 `jit_compile=True`, and measures the median wall time of `train_on_batch`
 on one batch (16 x 128 tokens) after warm-up, under the Keras backend set by
-`KERAS_BACKEND`. The methods are timed in interleaved rounds (every method
-once per round), so that a change of machine load hits them all alike and
-the ratios stay meaningful.
+`KERAS_BACKEND`. The methods are timed in interleaved rounds (one step of
+every method per round, by default), so that a change of machine load hits
+them all alike and the ratios stay meaningful.
 
 Methods: full fine-tuning; Keras' built-in `backbone.enable_lora(8)`
 (query and value, its default); and keras_adapters' LoRA r=8, HUT r=8 (the
@@ -195,9 +195,15 @@ def main(argv=None):
         default=",".join(METHODS),
         help=f"comma-separated subset of {','.join(METHODS)}",
     )
-    parser.add_argument("--warmup", type=int, default=None, help="default 3 (1)")
-    parser.add_argument("--steps", type=int, default=None, help="per round; 5 (2)")
-    parser.add_argument("--rounds", type=int, default=None, help="default 6 (1)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="steps before timing; 3 (quick: 1)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=1, help="timed steps per method per round; 1"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds over all methods; 30 (2)"
+    )
     parser.add_argument("--output", default=None, help="JSON path")
     args = parser.parse_args(argv)
 
@@ -206,8 +212,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    steps = args.steps if args.steps is not None else (2 if args.quick else 5)
-    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 6)
+    steps = args.steps
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 30)
     backend = keras.backend.backend()
     output = args.output or str(
         pathlib.Path(__file__).parent / "results" / f"methods-{backend}.json"

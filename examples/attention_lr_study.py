@@ -21,11 +21,11 @@ prints a table (test accuracy and loss, training loss at fixed steps,
 trainable parameters), and writes it as JSON with a PNG of the training loss
 curves (needs matplotlib: `pip install "keras-adapters[plot]"`).
 
-Cost: one run (load, compile, train, evaluate) takes about a minute on 2
-idle CPU cores with the defaults, so the default grid (10 settings x 2
-seeds) takes about 20 minutes; `--quick` (6 settings, 4 steps, 100
-articles, 32 tokens) a few minutes. Use `--lambdas 1,4 --seeds 1` for a
-shorter grid.
+Cost: measured only on a loaded machine (2 CPU cores shared with other
+jobs), where one run (load, compile, 40 steps, evaluate) took 4 to 8 minutes
+and `--quick` (6 settings, 4 steps, 100 articles, 32 tokens) 5 to 30
+minutes; on idle cores expect a fraction of that. Use `--lambdas 1,4
+--seeds 1 --steps 40` for a shorter grid.
 
 Run from the repository root:
 

@@ -240,6 +240,25 @@ def test_lp_ft_lp_only_and_ft_only():
     assert ft.head_norm_after_lp is None
 
 
+def test_lp_ft_with_a_dataset():
+    tf = pytest.importorskip("tensorflow")
+    x, y = _blobs()
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    model = _mlp()
+    result = ka.workflows.lp_ft(
+        model, dataset, epochs=1, lp_epochs=5, optimizer=keras.optimizers.SGD(0.01)
+    )
+    assert result.head_norm_after_lp > result.head_norm_initial
+    assert "head_norm" in result.ft_history.history
+    assert "feature_change" not in result.ft_history.history  # No probe given.
+    probed = ka.workflows.lp_ft(
+        _mlp(), dataset, finetune=None, lp_epochs=5
+    )  # Same data, same (deterministic) linear probe.
+    np.testing.assert_allclose(
+        probed.lp_head_weights[0], result.lp_head_weights[0], rtol=1e-5, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -244,7 +244,8 @@ def _features_and_labels(extractor, train_data, batch_size, name="train_data"):
         features = extractor.predict(x, batch_size=batch_size, verbose=0)
         return np.asarray(features), y
     features, labels = [], []
-    for batch in train_data:
+    # NumPy batches: a JAX model cannot take TensorFlow tensors.
+    for batch in train_data.as_numpy_iterator():
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError(
                 f"`{name}` must yield `(x, y)` batches; received an element "
