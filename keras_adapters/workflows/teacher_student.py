@@ -274,12 +274,6 @@ def overlap(problem, kernel) -> float:
         (NaN for a diverged, non-finite kernel).
     """
     _check_problem(problem)
-    kernel = np.asarray(kernel)
-    if kernel.shape != (problem.dim, problem.hidden):
-        raise ValueError(
-            f"`kernel` must have shape {(problem.dim, problem.hidden)}; received "
-            f"{kernel.shape}."
-        )
     direction = learned_direction(problem, kernel)
     return float(abs(direction @ problem.direction.astype("float64")))
 
