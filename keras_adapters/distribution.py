@@ -246,7 +246,8 @@ def adapter_layout_map(layout_map):
     `keras_hub.models.GemmaBackbone.get_layout_map(mesh)`), the copy has one
     more entry whose key is the same regex with `kernel` replaced by an
     alternation of the adapter variable names (`lora_a`, `lora_b`, `hut_a`,
-    ..., of every registered adapter method). A regex `S kernel` fullmatches
+    ..., of every registered adapter method, optionally followed by
+    `.<adapter name>`). A regex `S kernel` fullmatches
     `<layer>/kernel` exactly when `S <name>` fullmatches `<layer>/<name>`, so
     the new key selects the adapter variables of exactly the layers whose
     kernels the original key selects, and it matches nothing before adapters
@@ -304,7 +305,8 @@ def adapter_layout_map(layout_map):
             continue
         prefix = key[: -len(_KERNEL_SUFFIX)]
         if _is_complete_regex(prefix):
-            derived[f"{prefix}(?:{names})"] = KernelDerivedLayout(layout)
+            # Named adapters' variables are `lora_a.<name>` (see AdapterSlot).
+            derived[rf"{prefix}(?:{names})(?:\.\w+)?"] = KernelDerivedLayout(layout)
     # `key in extended` would regex-match; only exact keys count. An
     # existing entry (from an earlier call, or the user's) is kept.
     existing = set(extended)

@@ -178,7 +178,12 @@ def _plain_copy(model):
         if key in source and tuple(source[key].shape) == tuple(variable.shape):
             variable.assign(source[key])
     merged = []
-    if adapter_model.adapter_groups(copy):
+    # The export computes what the model computes now: inactive adapters go.
+    active = adapter_model.active_adapters(copy)
+    for name in adapter_model.adapter_names(copy):
+        if name not in active:
+            adapter_model.delete_adapter(copy, name)
+    if active:
         merged = adapter_model.merge_adapters(copy)
     return copy, merged
 

@@ -1,10 +1,11 @@
 """How an adapter attaches to a Keras `Dense` or `EinsumDense` layer.
 
 An adapter never wraps or replaces a layer: the layer object stays where it is
-(inside a KerasHub attention block, say), gains the adapter's variables, and
-switches to a cached subclass of its own class whose `call` lets the adapter
-take part. Merging folds the adapter into the kernel and switches the layer
-back to its original class. See `docs/how_adapters_attach.md`.
+(inside a KerasHub attention block, say), gains the adapters' variables, and
+switches to a cached subclass of its own class whose `call` lets the active
+adapters take part. Several named adapters can share a layer (see
+`AdapterSlot`). Merging folds an adapter into the kernel; when the last one
+goes, the layer switches back to its original class. See `docs/how_adapters_attach.md`.
 """
 
 import math
@@ -151,8 +152,13 @@ class KernelView:
         return ops.einsum(equation, hidden, factor)
 
 
+DEFAULT_NAME = "default"
+
+
 def check_supported(layer):
     """Raises `UnsupportedLayerError` if no adapter can attach to `layer`.
+
+    A layer that already has adapters can take more (under other names).
 
     Returns:
         The layer's `KernelView`.
@@ -163,11 +169,7 @@ def check_supported(layer):
             "adapters attach to Dense and EinsumDense layers."
         )
     if is_adapted(layer):
-        raise UnsupportedLayerError(
-            f"Layer '{layer.path}' already has a "
-            f"{layer._keras_adapters_adapter.method} adapter; a layer is "
-            "adapted at most once (merge_adapters() first)."
-        )
+        return layer._keras_adapters_view
     if not layer.built:
         raise UnsupportedLayerError(
             f"Layer '{layer.name}' is not built; build the model (call it on "
@@ -195,64 +197,161 @@ def is_adapted(layer):
     return isinstance(layer, _AdaptedLayer)
 
 
-def attach(layer, adapter, view, name):
-    """Adds `adapter`'s variables to `layer` and switches its class.
+class AdapterSlot:
+    """One named adapter on one layer, as the adapter's methods see the layer.
 
-    `check_supported(layer)` and `adapter.validate(view, layer)` must have
-    passed.
+    Adapter methods receive a slot where they expect the layer: reading an
+    attribute falls through to the layer (`layer.path`, `layer._kernel`),
+    except for the adapter's own variables and state, which the adapter
+    reads and sets by their short names (`layer.lora_a`). On the layer they
+    live under qualified names: `lora_a` for the adapter named `"default"`,
+    `lora_a.news` for the adapter named `"news"`, so several adapters can
+    share a layer and their variable paths say which adapter they belong to.
+
+    Attributes:
+        layer: the adapted layer.
+        name: the adapter's name.
+        adapter: the adapter configuration.
+        active: whether the layer applies this adapter.
     """
+
+    def __init__(self, layer, name, adapter):
+        state = self.__dict__
+        state.update(layer=layer, name=name, adapter=adapter, active=True, own={})
+
+    def qualified(self, short_name):
+        """The layer attribute (and variable name) for `short_name`."""
+        if self.name == DEFAULT_NAME:
+            return short_name
+        return f"{short_name}.{self.name}"
+
+    def __getattr__(self, attr):
+        # Only called for attributes the slot itself does not have.
+        state = self.__dict__
+        if attr in state["own"]:
+            return getattr(state["layer"], state["own"][attr])
+        return getattr(state["layer"], attr)
+
+    def __setattr__(self, attr, value):
+        if attr == "active":
+            self.__dict__["active"] = bool(value)
+            return
+        qualified = self.qualified(attr)
+        with internals.unlocked_tracker(self.layer):
+            setattr(self.layer, qualified, value)
+        self.own[attr] = qualified
+
+    def variables(self):
+        """`{qualified name: variable}` of this adapter's variables."""
+        return {
+            q: getattr(self.layer, q)
+            for q in self.own.values()
+            if isinstance(getattr(self.layer, q), keras.Variable)
+        }
+
+
+def slots(layer):
+    """`{name: AdapterSlot}` of `layer`, in the order adapters were attached."""
+    return dict(getattr(layer, "_keras_adapters_slots", {}))
+
+
+def attach(layer, adapter, view, name):
+    """Adds adapter `name` (its variables) to `layer`.
+
+    `check_supported(layer)` and `adapter.validate(layer, view)` must have
+    passed. The first adapter also switches the layer's class.
+    """
+    slot = AdapterSlot(layer, name, adapter)
     with internals.unlocked_tracker(layer):
         layer.trainable = True
-        variables = adapter.build(layer, view)
-    internals.set_untracked_attribute(layer, "_keras_adapters_adapter", adapter)
-    internals.set_untracked_attribute(layer, "_keras_adapters_view", view)
-    internals.set_untracked_attribute(layer, "_keras_adapters_name", name)
-    internals.set_untracked_attribute(
-        layer, "_keras_adapters_variable_names", tuple(variables)
-    )
-    internals.switch_class(layer, _AdaptedLayer, serialize_as_base=True)
+        adapter.build(slot, view)
+    if not is_adapted(layer):
+        internals.set_untracked_attribute(layer, "_keras_adapters_view", view)
+        internals.set_untracked_attribute(layer, "_keras_adapters_slots", {})
+        internals.switch_class(layer, _AdaptedLayer, serialize_as_base=True)
+    layer._keras_adapters_slots[name] = slot
+    return slot
 
 
-def adapter_variables(layer):
-    """`{name: variable}` of the adapter attached to `layer`."""
-    return {n: getattr(layer, n) for n in layer._keras_adapters_variable_names}
+def adapter_variables(layer, names=None):
+    """`{qualified name: variable}` of the adapters on `layer`.
+
+    Args:
+        layer: an adapted layer.
+        names: adapter names to include; all by default.
+    """
+    return {
+        qualified: variable
+        for name, slot in slots(layer).items()
+        if names is None or name in names
+        for qualified, variable in slot.variables().items()
+    }
 
 
-def detach(layer, merge):
-    """Removes the adapter from `layer`, first folding it in if `merge`."""
+def composed_kernel(layer, active_slots):
+    """The kernel with `active_slots` applied in order, in float32."""
+    view = layer._keras_adapters_view
+    if len(active_slots) == 1:
+        slot = active_slots[0]
+        return slot.adapter.adapted_kernel(slot, view, layer._kernel)
+    matrix = view.to_matrix(ops.cast(layer._kernel, "float32"))
+    for slot in active_slots:
+        matrix = slot.adapter.adapted_matrix(slot, matrix)
+    return view.from_matrix(matrix)
+
+
+def detach(layer, name, merge):
+    """Removes adapter `name` from `layer`, first folding it in if `merge`.
+
+    The last adapter to go also restores the layer's class.
+    """
+    slot = layer._keras_adapters_slots[name]
     if merge:
-        merged = layer._keras_adapters_adapter.adapted_kernel(
-            layer, layer._keras_adapters_view, layer._kernel
-        )
+        merged = composed_kernel(layer, [slot])
         layer._kernel.assign(ops.cast(merged, layer._kernel.dtype))
-    for name in layer._keras_adapters_variable_names:
-        internals.untrack_variable(layer, getattr(layer, name))
-        internals.untrack_attribute(layer, name)
-    layer._keras_adapters_adapter.release(layer)
-    for name in (
-        "_keras_adapters_adapter",
-        "_keras_adapters_view",
-        "_keras_adapters_name",
-        "_keras_adapters_variable_names",
-    ):
-        object.__delattr__(layer, name)
-    internals.restore_class(layer)
+    slot.adapter.release(slot)
+    for qualified in slot.own.values():
+        value = getattr(layer, qualified)
+        if isinstance(value, keras.Variable):
+            internals.untrack_variable(layer, value)
+        internals.untrack_attribute(layer, qualified)
+    del layer._keras_adapters_slots[name]
+    if not layer._keras_adapters_slots:
+        object.__delattr__(layer, "_keras_adapters_view")
+        object.__delattr__(layer, "_keras_adapters_slots")
+        internals.restore_class(layer)
 
 
 class _AdaptedLayer:
-    """Methods a `Dense`/`EinsumDense` layer gets while it has an adapter."""
+    """Methods a `Dense`/`EinsumDense` layer gets while it has adapters."""
+
+    def _active_slots(self):
+        return [s for s in self._keras_adapters_slots.values() if s.active]
 
     @property
     def kernel(self):
         """The effective (adapted) kernel, as Keras' own LoRA exposes it."""
-        return self._keras_adapters_adapter.adapted_kernel(
-            self, self._keras_adapters_view, self._kernel
-        )
+        active = self._active_slots()
+        if not active:
+            return self._kernel
+        return composed_kernel(self, active)
 
     def call(self, inputs, training=None):
-        outputs = self._keras_adapters_adapter.call(
-            self, self._keras_adapters_view, inputs, training=training
-        )
+        active = self._active_slots()
+        view = self._keras_adapters_view
+        if len(active) == 1:
+            slot = active[0]
+            outputs = slot.adapter.call(slot, view, inputs, training=training)
+        elif all(slot.adapter.additive for slot in active):
+            # No adapter, or only additive ones (LoRA): each adds its own
+            # term to the base projection, without building a kernel.
+            outputs = view.project(inputs, self._kernel)
+            for slot in active:
+                delta = slot.adapter.delta(slot, view, inputs, training=training)
+                outputs = ops.add(outputs, ops.cast(delta, outputs.dtype))
+        else:
+            kernel = composed_kernel(self, active)
+            outputs = view.project(inputs, ops.cast(kernel, self.compute_dtype))
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         if self.activation is not None:
@@ -260,7 +359,7 @@ class _AdaptedLayer:
         return outputs
 
     def _base_variables(self):
-        names = set(self._keras_adapters_variable_names)
+        names = set(adapter_variables(self))
         return [v for v in self.weights if v.name not in names]
 
     def save_own_variables(self, store):
@@ -278,10 +377,10 @@ class _AdaptedLayer:
         expected = {str(i) for i in range(len(base))} | set(adapters)
         if keys != expected:
             raise ValueError(
-                f"Layer '{self.path}' has a {self._keras_adapters_adapter.method} "
-                f"adapter and expects the entries {sorted(expected)}, but the "
-                f"file has {sorted(keys)}. Was the file written by a model "
-                "with the same adapters?"
+                f"Layer '{self.path}' has the adapters "
+                f"{list(self._keras_adapters_slots)} and expects the entries "
+                f"{sorted(expected)}, but the file has {sorted(keys)}. Was the "
+                "file written by a model with the same adapters?"
             )
         for i, variable in enumerate(base):
             variable.assign(store[str(i)])

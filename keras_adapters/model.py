@@ -45,8 +45,10 @@ class _AdapterState:
 
     def __init__(self):
         self.groups = []
+        # Names of the adapters the model applies (and trains).
+        self.active = []
         # Trainable flags before the first adapter, restored after the last
-        # adapter is merged.
+        # adapter is merged or deleted.
         self.saved_flags = []
 
 
@@ -123,12 +125,22 @@ def adapted_layers(model):
     ]
 
 
-def adapter_variables(model):
-    """All adapter variables of `model`."""
+def adapter_variables(model, names=None):
+    """The adapter variables of `model`.
+
+    Args:
+        model: a Keras model.
+        names: adapter names to include (a name or a list); all by default.
+
+    Returns:
+        A list of variables, in layer order.
+    """
+    if names is not None:
+        names = _check_names(model, names, "names")
     return [
         v
         for layer in adapted_layers(model)
-        for v in adapter_layers.adapter_variables(layer).values()
+        for v in adapter_layers.adapter_variables(layer, names).values()
     ]
 
 
@@ -173,15 +185,17 @@ def enable_adapter(
         keep_trainable: layers whose weights stay trainable (same forms as
             `targets`), such as a classification head.
         name: the adapter's name; each `enable_adapter` call on a model
-            needs its own.
+            needs its own. A model can hold several named adapters, on the
+            same layers or on others; a new adapter is active (applied and
+            trained) alongside the active ones: see `set_active_adapters`.
 
     Returns:
         An `AdapterReport` (adapted and skipped layers, parameter counts).
 
     Raises:
-        ValueError: on a bad argument, a target matching no layer (the
-            message lists the candidates), a layer that is already adapted,
-            or no adaptable layer. The model is left unchanged.
+        ValueError: on a bad argument, a name the model already uses, a
+            target matching no layer (the message lists the candidates), or
+            no adaptable layer. The model is left unchanged.
 
     Example:
 
@@ -193,6 +207,13 @@ def enable_adapter(
     print(report)
     ```
     """
+    return _enable(model, adapter, targets, keep_trainable, name)
+
+
+def _enable(model, adapter, targets, keep_trainable, name, validate=True):
+    """`enable_adapter`; `validate=False` skips the adapter's own layer checks
+    (`combine_adapters` builds LoRA factors whose rank may exceed a layer's
+    dimensions, which is wasteful for training but exact)."""
     _check_model(model)
     if not isinstance(adapter, Adapter):
         raise ValueError(
@@ -221,18 +242,13 @@ def enable_adapter(
 
     plan, skipped = [], []
     for layer, _ in hits:
-        if adapter_layers.is_adapted(layer):
-            raise ValueError(
-                f"Layer '{layer.path}' already has an adapter "
-                f"('{layer._keras_adapters_name}'); a layer is adapted at most "
-                "once. merge_adapters() first to stack a new adapter on it."
-            )
         try:
             view = adapter_layers.check_supported(layer)
         except adapter_layers.UnsupportedLayerError as error:
             skipped.append((layer.path or layer.name, str(error)))
             continue
-        adapter.validate(layer, view)
+        if validate:
+            adapter.validate(layer, view)
         plan.append((layer, view))
     if not plan:
         reasons = "\n".join(f"  {p}: {r}" for p, r in skipped)
@@ -258,6 +274,7 @@ def enable_adapter(
         ),
     )
     state.groups.append(group)
+    state.active.append(name)
     if not isinstance(model, _AdaptedModel):
         internals.switch_class(model, _AdaptedModel, serialize_as_base=False)
     internals.set_untracked_attribute(model, "_keras_adapters_state", state)
@@ -297,7 +314,7 @@ def _freeze_all_but_adapters(model):
     """Trainable: adapter variables, a Task's head, `keep_trainable` layers."""
     state = _state(model)
     root = _adapted_root(model)
-    keep = {id(v) for v in adapter_variables(model)}
+    keep = {id(v) for v in adapter_variables(model, state.active)}
     if root is not model:
         root_ids = {id(v) for v in root.weights}
         keep |= {id(v) for v in model.weights if id(v) not in root_ids}
@@ -315,30 +332,87 @@ def _freeze_all_but_adapters(model):
 def _forget_compiled_functions(model, warn=False):
     internals.reset_compiled_functions(model)
     optimizer = getattr(model, "optimizer", None)
-    if warn and optimizer is not None and optimizer.built:
+    if (
+        warn
+        and optimizer is not None
+        and optimizer.built
+        and not internals.optimizer_tracks(optimizer, model.trainable_variables)
+    ):
         warnings.warn(
             f"Model '{model.name}' was compiled and its optimizer built before "
-            "its adapters changed; call model.compile(...) again before fit() so "
-            "the optimizer tracks the new trainable variables.",
+            "its trainable adapters changed; call model.compile(...) again before "
+            "fit() so the optimizer tracks the new trainable variables "
+            "(predict() and evaluate() need nothing).",
             stacklevel=3,
         )
+
+
+def _check_optimizer_tracks_trainables(model):
+    # Keras would fail later, inside the optimizer, with a less clear message.
+    optimizer = getattr(model, "optimizer", None)
+    if (
+        optimizer is not None
+        and optimizer.built
+        and not internals.optimizer_tracks(optimizer, model.trainable_variables)
+    ):
+        raise ValueError(
+            f"Model '{model.name}' has other trainable variables than its optimizer "
+            "was built for (adapters were enabled, switched, merged or deleted "
+            "since); call model.compile(...) again, with a new optimizer, before "
+            "training."
+        )
+
+
+def _check_names(model, names, argument):
+    """`names` (a name or a list of names of the model's adapters) as a list."""
+    known = [g.name for g in adapter_groups(model)]
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, tuple)) or not all(
+        isinstance(n, str) for n in names
+    ):
+        raise ValueError(
+            f"`{argument}` must be an adapter name or a list of names; received "
+            f"{names!r}."
+        )
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"Unknown adapter names {unknown} in `{argument}`; model "
+            f"'{model.name}' has {known}."
+        )
+    return list(dict.fromkeys(names))
 
 
 def merge_adapters(model, names=None) -> list:
     """Folds adapters into their base kernels, leaving plain Keras layers.
 
-    Each adapted layer's kernel becomes the adapted kernel (computed in
-    float32, then cast to the kernel's own dtype), its adapter variables are
-    removed, and it is again an instance of its original class. The model's
-    outputs do not change. Once the last adapter is merged, the trainable
+    Each adapter's update is computed in float32 and folded into the kernel
+    (cast to the kernel's own dtype); its variables are removed, and a layer
+    left without adapters is again an instance of its original class. The
+    model's outputs do not change. Once no adapter is left, the trainable
     flags the model had before `enable_adapter` are restored.
+
+    Where several adapters share a layer, the active ones apply in the order
+    they were added (additive ones, like LoRA, in any order). Merging some of
+    them must keep that order exact: the adapters merged on a layer must
+    come before the ones kept there, unless all of them are additive.
 
     Args:
         model: a model with adapters.
-        names: adapter names to merge; all of them by default.
+        names: adapter names to merge (a name or a list). By default, the
+            active adapters (see `set_active_adapters`): the model keeps
+            computing what it computes now, and inactive adapters stay as
+            they are. Naming an inactive adapter folds it in too.
 
     Returns:
-        The paths of the merged layers.
+        The paths of the layers whose kernels changed.
+
+    Raises:
+        ValueError: if the model has no adapters (or no active ones, with
+            `names=None`), on an unknown name, or if merging `names` would
+            change the order of non-additive adapters on a layer. Nothing
+            changes then.
 
     Example:
 
@@ -353,26 +427,282 @@ def merge_adapters(model, names=None) -> list:
         raise ValueError(
             f"Model '{model.name}' has no adapters to merge; enable_adapter() first."
         )
-    known = [g.name for g in state.groups]
     if names is None:
-        names = known
-    elif isinstance(names, str):
-        names = [names]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"Unknown adapter names {unknown}; the model has {known}.")
+        names = list(state.active)
+        if not names:
+            raise ValueError(
+                f"Model '{model.name}' has no active adapters (it has "
+                f"{adapter_names(model)}); pass `names=` to merge inactive ones."
+            )
+    names = _check_names(model, names, "names")
+    layers = [
+        layer
+        for layer in adapted_layers(model)
+        if any(n in names for n in adapter_layers.slots(layer))
+    ]
+    for layer in layers:
+        order = list(adapter_layers.slots(layer).items())
+        kept = [n for n, _ in order if n not in names]
+        first_kept = min((i for i, (n, _) in enumerate(order) if n in kept), default=0)
+        late = [n for i, (n, _) in enumerate(order) if n in names and i > first_kept]
+        if kept and late and not all(s.adapter.additive for _, s in order):
+            raise ValueError(
+                f"Layer '{layer.path}' has the adapters {[n for n, _ in order]} "
+                f"(applied in this order); merging {late} before {kept} would "
+                "change the layer, since they are not all additive. Merge the "
+                "earlier adapters too, or delete_adapter() the ones before."
+            )
     merged = []
+    for layer in layers:
+        for name in list(adapter_layers.slots(layer)):
+            if name in names:
+                adapter_layers.detach(layer, name, merge=True)
+        merged.append(layer.path)
+    _remove_groups(model, names)
+    return merged
+
+
+def delete_adapter(model, name) -> None:
+    """Removes adapter `name` and its variables without merging it.
+
+    The base weights do not change. Once no adapter is left, the trainable
+    flags the model had before `enable_adapter` are restored.
+
+    Args:
+        model: a model with adapters.
+        name: the adapter to delete.
+
+    Raises:
+        ValueError: on an unknown name.
+
+    Example:
+
+    ```python
+    ka.delete_adapter(model, "news")
+    ```
+    """
+    _check_model(model)
+    if not isinstance(name, str):
+        raise ValueError(f"`name` must be an adapter name; received {name!r}.")
+    (name,) = _check_names(model, [name], "name")
     for layer in adapted_layers(model):
-        if layer._keras_adapters_name in names:
-            adapter_layers.detach(layer, merge=True)
-            merged.append(layer.path)
+        if name in adapter_layers.slots(layer):
+            adapter_layers.detach(layer, name, merge=False)
+    _remove_groups(model, [name])
+
+
+def _remove_groups(model, names):
+    state = _state(model)
     state.groups = [g for g in state.groups if g.name not in names]
+    state.active = [n for n in state.active if n not in names]
     if state.groups:
-        _freeze_all_but_adapters(model)
+        _apply_active(model)
     else:
         _restore(model, state)
+        _forget_compiled_functions(model)
+
+
+def adapter_names(model) -> list:
+    """The names of the adapters of `model`, in the order they were added."""
+    return [g.name for g in adapter_groups(model)]
+
+
+def active_adapters(model) -> list:
+    """The names of the adapters `model` applies and trains."""
+    state = _state(model)
+    return list(state.active) if state is not None else []
+
+
+class _ActiveAdapters:
+    """Returned by `set_active_adapters`; as a context manager, it restores
+    the previously active adapters on exit."""
+
+    def __init__(self, model, previous):
+        self._model = model
+        self._previous = previous
+
+    def __enter__(self):
+        return self._model
+
+    def __exit__(self, *exc_info):
+        state = _state(self._model)
+        if state is not None:
+            previous = [n for n in self._previous if n in adapter_names(self._model)]
+            set_active_adapters(self._model, previous)
+        return False
+
+
+def set_active_adapters(model, names):
+    """Chooses which of the model's adapters apply (and train).
+
+    Active adapters change the outputs and are trainable; inactive ones keep
+    their values, are frozen, and cost nothing in the forward pass. The
+    model's compiled functions are dropped, so the next `predict`, `evaluate`
+    or `fit` traces (and, with `jit_compile=True`, compiles) again: each
+    switch costs one compilation (see `docs/multiple_adapters.md`). To
+    train other adapters than the ones an already-built optimizer tracks,
+    call `model.compile(...)` again (`fit` raises a `ValueError` saying so
+    otherwise).
+
+    Also usable as a context manager, which restores the previously active
+    adapters on exit.
+
+    Args:
+        model: a model with adapters.
+        names: an adapter name or a list of names; `[]` disables all.
+
+    Returns:
+        A context manager (see above); using it is optional.
+
+    Raises:
+        ValueError: on an unknown name. Nothing changes then.
+
+    Example:
+
+    ```python
+    ka.set_active_adapters(model, ["news"])
+    with ka.set_active_adapters(model, "sports"):
+        sports_predictions = model.predict(x)
+    ```
+    """
+    _check_model(model)
+    state = _state(model)
+    if state is None:
+        raise ValueError(
+            f"Model '{model.name}' has no adapters; enable_adapter() first."
+        )
+    names = _check_names(model, names, "names")
+    previous = list(state.active)
+    # Keep the order in which the adapters were added.
+    state.active = [n for n in adapter_names(model) if n in names]
+    _apply_active(model)
+    return _ActiveAdapters(model, previous)
+
+
+def disable_adapters(model):
+    """Deactivates every adapter: the model computes its base outputs.
+
+    Same as `set_active_adapters(model, [])`; as a context manager, it
+    re-activates the previously active adapters on exit.
+
+    Example:
+
+    ```python
+    with ka.disable_adapters(model):
+        base_predictions = model.predict(x)
+    ```
+    """
+    return set_active_adapters(model, [])
+
+
+def _apply_active(model):
+    state = _state(model)
+    for layer in adapted_layers(model):
+        for name, slot in adapter_layers.slots(layer).items():
+            slot.active = name in state.active
+    _freeze_all_but_adapters(model)
     _forget_compiled_functions(model)
-    return merged
+
+
+def combine_adapters(model, weights, name) -> AdapterReport:
+    """Adds a LoRA adapter that is a weighted sum of LoRA adapters.
+
+    The new adapter's update is exactly `sum_i w_i * delta_i`, where
+    `delta_i = s_i A_i B_i` is adapter i's update of a layer (zero on layers
+    it does not adapt): its factors are the adapters' factors side by side,
+    `A = [A_1, A_2, ...]` and `B = [w_1 s_1 B_1; w_2 s_2 B_2; ...]`, so its
+    rank is the sum of the ranks and its scale 1. It covers every layer one
+    of the adapters covers (with zero blocks where another does not), takes
+    no dropout, and starts inactive: `set_active_adapters(model, [name])`
+    switches to it. The combined adapters are left as they are.
+
+    Args:
+        model: a model with LoRA adapters.
+        weights: `{adapter name: weight}`, at least one entry; weights are
+            any finite numbers (negative ones subtract an update).
+        name: the new adapter's name.
+
+    Returns:
+        The new adapter's `AdapterReport`.
+
+    Raises:
+        ValueError: on unknown names, adapters other than LoRA, a weight
+            that is not a finite number, or a name the model already uses.
+
+    Example:
+
+    ```python
+    ka.combine_adapters(model, {"news": 0.7, "sports": 0.3}, name="mix")
+    ka.set_active_adapters(model, ["mix"])
+    ```
+    """
+    _check_model(model)
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(
+            "`weights` must be a non-empty dict {adapter name: weight}; received "
+            f"{weights!r}."
+        )
+    names = _check_names(model, list(weights), "weights")
+    for key, weight in weights.items():
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+        ):
+            raise ValueError(
+                f"The weight of adapter {key!r} must be a finite number; received "
+                f"{weight!r}."
+            )
+    groups = {g.name: g for g in adapter_groups(model)}
+    not_lora = {
+        n: groups[n].adapter for n in names if groups[n].adapter.method != "lora"
+    }
+    if not_lora:
+        raise ValueError(
+            f"combine_adapters combines LoRA adapters only; {not_lora} are not LoRA."
+        )
+    if name in groups:
+        raise ValueError(
+            f"Model '{model.name}' already has an adapter named {name!r}; pass "
+            "another `name=`."
+        )
+    from keras_adapters.adapters.lora import LoRA
+
+    rank = sum(groups[n].adapter.rank for n in names)
+    root = _adapted_root(model)
+    paths = list(dict.fromkeys(p for n in names for p in groups[n].layer_paths))
+    active = list(_state(model).active)
+    with warnings.catch_warnings():
+        # The optimizer check runs once, after the active set is restored.
+        warnings.simplefilter("ignore")
+        report = _enable(
+            model,
+            LoRA(rank=rank, alpha=rank),
+            targeting.PathsTarget(tuple(paths), root.name),
+            None,
+            name,
+            validate=False,
+        )
+    for layer in adapted_layers(model):
+        layer_slots = adapter_layers.slots(layer)
+        if name not in layer_slots:
+            continue
+        a_blocks, b_blocks = [], []
+        for n in names:
+            lora = groups[n].adapter
+            if n in layer_slots:
+                slot = layer_slots[n]
+                a_blocks.append(keras.ops.convert_to_tensor(slot.lora_a))
+                b_blocks.append(slot.lora_b * (weights[n] * lora.scale))
+            else:
+                view = layer._keras_adapters_view
+                a_blocks.append(keras.ops.zeros((view.d_in, lora.rank)))
+                b_blocks.append(keras.ops.zeros((lora.rank, view.d_out)))
+        new = layer_slots[name]
+        new.lora_a.assign(keras.ops.concatenate(a_blocks, axis=1))
+        new.lora_b.assign(keras.ops.concatenate(b_blocks, axis=0))
+    set_active_adapters(model, active)
+    return report
 
 
 def _restore(model, state):
@@ -384,18 +714,29 @@ def _restore(model, state):
     internals.restore_class(model)
 
 
-def enable_groups(model, groups):
-    """Re-attaches saved `AdapterGroup`s to exactly the layers they name."""
+def enable_groups(model, groups, active=None):
+    """Re-attaches saved `AdapterGroup`s to exactly the layers they name.
+
+    `active`: the names among them to leave active (all by default).
+    """
     root = _adapted_root(model)
+    groups = list(groups)
     for group in groups:
         keep = group.keep_trainable_paths
-        enable_adapter(
+        # The adapter was valid on these layers when it was saved (or built
+        # by combine_adapters, which may exceed a layer's rank).
+        _enable(
             model,
             group.adapter,
-            targets=targeting.PathsTarget(group.layer_paths, root.name),
-            keep_trainable=(targeting.PathsTarget(keep, model.name) if keep else None),
-            name=group.name,
+            targeting.PathsTarget(group.layer_paths, root.name),
+            targeting.PathsTarget(keep, model.name) if keep else None,
+            group.name,
+            validate=False,
         )
+    if active is not None:
+        added = {g.name for g in groups}
+        others = [n for n in active_adapters(model) if n not in added]
+        set_active_adapters(model, others + [n for n in active if n in added])
 
 
 def adapter_groups(model):
@@ -452,12 +793,35 @@ class _AdaptedModel:
         return {
             "base": base,
             "adapters": [g.to_config() for g in self._keras_adapters_state.groups],
+            "active": list(self._keras_adapters_state.active),
         }
+
+    def fit(self, *args, **kwargs):
+        _check_optimizer_tracks_trainables(self)
+        return super().fit(*args, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        _check_optimizer_tracks_trainables(self)
+        return super().train_on_batch(*args, **kwargs)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         model = keras.saving.deserialize_keras_object(
             config["base"], custom_objects=custom_objects
         )
-        enable_groups(model, map(AdapterGroup.from_config, config["adapters"]))
+        enable_groups(
+            model,
+            map(AdapterGroup.from_config, config["adapters"]),
+            active=config.get("active"),
+        )
         return model
+
+    @property
+    def adapter_names(self):
+        """The names of this model's adapters (see `ka.adapter_names`)."""
+        return adapter_names(self)
+
+    @property
+    def active_adapters(self):
+        """The names of the active adapters (see `ka.set_active_adapters`)."""
+        return active_adapters(self)

@@ -82,7 +82,8 @@ class Role:
         path = variable.path or ""
         if self.is_attention_role:
             return variable_role(path) == self.name
-        return path.rsplit("/", 1)[-1] == self.name
+        # A named adapter's variables are `<name>.<adapter name>`.
+        return path.rsplit("/", 1)[-1].split(".", 1)[0] == self.name
 
     def __eq__(self, other):
         return isinstance(other, Role) and other.name == self.name

@@ -43,7 +43,7 @@ def _check_path(path, for_writing):
     return path
 
 
-def save_adapter_weights(model, path) -> None:
+def save_adapter_weights(model, path, names=None) -> None:
     """Saves the adapters of `model` (and its other trainable weights).
 
     The file is small: its size follows the adapter parameters, not the
@@ -54,6 +54,8 @@ def save_adapter_weights(model, path) -> None:
     Args:
         model: a model with adapters.
         path: where to write, ending in `.h5`.
+        names: adapter names to save (a name or a list); all by default.
+            The file also records which of them are active.
 
     Example:
 
@@ -67,7 +69,15 @@ def save_adapter_weights(model, path) -> None:
         raise ValueError(
             f"Model '{model.name}' has no adapters to save; enable_adapter() first."
         )
-    adapted = adapter_model.adapted_layers(model)
+    if names is not None:
+        names = adapter_model._check_names(model, names, "names")
+        groups = [g for g in groups if g.name in names]
+    names = [g.name for g in groups]
+    adapted = [
+        layer
+        for layer in adapter_model.adapted_layers(model)
+        if any(n in names for n in adapter_layers.slots(layer))
+    ]
     root_name = adapter_model._adapted_root(model).name
 
     def layer_key(layer):
@@ -77,6 +87,7 @@ def save_adapter_weights(model, path) -> None:
         return targeting.relative_path(model.name, variable.path)
 
     adapter_ids = {id(v) for v in adapter_model.adapter_variables(model)}
+    active = adapter_model.active_adapters(model)
     extras = [v for v in model.trainable_weights if id(v) not in adapter_ids]
     spec = {
         "format_version": FORMAT_VERSION,
@@ -84,6 +95,7 @@ def save_adapter_weights(model, path) -> None:
         "backend": keras.backend.backend(),
         "model_class": type(model).__name__,
         "groups": [g.to_config() for g in groups],
+        "active": [n for n in names if n in active],
         "kernel_shapes": {
             layer_key(layer): list(layer._keras_adapters_view.kernel_shape)
             for layer in adapted
@@ -99,7 +111,8 @@ def save_adapter_weights(model, path) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs[_ATTRIBUTE] = json.dumps(spec)
             for layer in adapted:
-                for name, variable in adapter_layers.adapter_variables(layer).items():
+                variables = adapter_layers.adapter_variables(layer, names)
+                for name, variable in variables.items():
                     f[f"adapters/{layer_key(layer)}/{name}"] = _numpy(variable)
             for variable in extras:
                 f[f"extras/{variable_key(variable)}"] = _numpy(variable)
@@ -138,8 +151,10 @@ def load_adapter_weights(model, path) -> None:
 
     Into a freshly built base model, this attaches the saved adapters to the
     saved layers and restores every adapter variable (and the other trained
-    weights, such as a Task's head) exactly, so training can resume. Into a
-    model that already has the same adapters, it only restores values.
+    weights, such as a Task's head) exactly, so training can resume. Adapters
+    the model already has under the same names (and with the same
+    configuration) only get their values restored; the file's other adapters
+    are added, active as they were when saved, next to the model's own.
 
     Every check runs before anything changes: a file that does not fit the
     model (another architecture, other kernel shapes, other adapters) raises
@@ -154,13 +169,15 @@ def load_adapter_weights(model, path) -> None:
     groups = [adapter_model.AdapterGroup.from_config(g) for g in spec["groups"]]
     adapter_model._check_model(model)
     root = adapter_model._adapted_root(model)
-    existing = adapter_model.adapter_groups(model)
-    if existing and existing != groups:
+    existing = {g.name: g for g in adapter_model.adapter_groups(model)}
+    conflicts = [g for g in groups if g.name in existing and existing[g.name] != g]
+    if conflicts:
         raise ValueError(
-            f"Model '{model.name}' already has adapters "
-            f"{[(g.name, g.adapter) for g in existing]} that differ from the "
-            f"file's {[(g.name, g.adapter) for g in groups]}. Load the file into "
-            "a model without adapters, or into one with the same adapters."
+            f"Model '{model.name}' already has adapters named "
+            f"{[g.name for g in conflicts]} that differ from the file's "
+            f"{[(g.name, g.adapter) for g in conflicts]}. Load the file into a "
+            "model without adapters of those names, or with the same adapters "
+            "(ka.delete_adapter(model, name) removes one)."
         )
     layers_by_path = {
         targeting.relative_path(root.name, layer.path): layer
@@ -193,12 +210,15 @@ def load_adapter_weights(model, path) -> None:
             f"Adapter file {path!r} (saved from a {spec['model_class']}) does not "
             f"fit model '{model.name}':\n  " + "\n  ".join(problems)
         )
-    if not existing:
-        adapter_model.enable_groups(model, groups)
+    new_groups = [g for g in groups if g.name not in existing]
+    if new_groups:
+        adapter_model.enable_groups(model, new_groups, active=spec.get("active"))
+    names = [g.name for g in groups]
     with h5py.File(path, "r") as f:
         for layer in adapter_model.adapted_layers(model):
             key = targeting.relative_path(root.name, layer.path)
-            for name, variable in adapter_layers.adapter_variables(layer).items():
+            variables = adapter_layers.adapter_variables(layer, names)
+            for name, variable in variables.items():
                 variable.assign(f[f"adapters/{key}/{name}"][()])
         for variable_path in spec["extras"]:
             variables_by_path[variable_path].assign(f[f"extras/{variable_path}"][()])

@@ -54,6 +54,7 @@ import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_adapters as ka  # noqa: E402
+from keras_adapters import layers as adapter_layers  # noqa: E402
 from keras_adapters.layers import KernelView  # noqa: E402
 
 SEQ = 8
@@ -281,13 +282,13 @@ def run_jax(results):
     )
     from_map = {}
     for layer in ka.adapted_layers(multi):
-        adapter = layer._keras_adapters_adapter
-        for name in layer._keras_adapters_variable_names:
-            path = f"{layer.path}/{name}"
-            resolved = extended[path].resolve(
-                KernelView(layer), adapter.variable_axes[name]
-            )
-            from_map[path] = list(resolved.axes)
+        for slot in adapter_layers.slots(layer).values():
+            for name, qualified in slot.own.items():
+                path = f"{layer.path}/{qualified}"
+                resolved = extended[path].resolve(
+                    KernelView(layer), slot.adapter.variable_axes[name]
+                )
+                from_map[path] = list(resolved.axes)
     entry = {
         "single": single_losses,
         "multi": multi_losses,

@@ -213,7 +213,9 @@ def test_goft_rotation_is_orthogonal(d):
     layer.goft_cayley.assign(RNG.normal(size=(d - 1,)).astype("float32") * 2.0)
     # R = R I: the adapted matrix of the identity, computed by the layer.
     rotation = keras.ops.convert_to_numpy(
-        layer._keras_adapters_adapter.adapted_matrix(layer, keras.ops.eye(d))
+        ka.GOFT().adapted_matrix(
+            adapter_layers.slots(layer)["default"], keras.ops.eye(d)
+        )
     ).astype("float64")
     np.testing.assert_allclose(rotation.T @ rotation, np.eye(d), atol=1e-6)
     reference = reference_rotation(reference_blocks(ka.GOFT(), layer), d)

@@ -95,9 +95,18 @@ class Adapter:
     It may override `call(layer, view, inputs, training)` with a faster path
     that does not materialize the adapted kernel, `validate(layer, view)` to
     reject layers it cannot adapt, and `release(layer)` to drop extra state.
+    An additive method (`W' = W + delta`, like LoRA) sets `additive = True`
+    and implements `delta(layer, view, inputs, training)`, the term it adds
+    to the layer's output; several additive adapters active on one layer
+    then each add their term without building the kernel.
+
+    The `layer` these methods receive is the adapter's
+    `keras_adapters.layers.AdapterSlot` on the layer: it reads like the
+    layer, and `layer.<variable name>` is this adapter's variable.
     """
 
     method = None
+    additive = False
     # For each variable `build` creates, which dimension of the kernel's 2-D
     # view each of its axes runs along: "in" (d_in), "out" (d_out) or None.
     # Under a keras.distribution, adapter variables are laid out like those
@@ -156,9 +165,10 @@ class Adapter:
         `variable_axes[name]` says.
         """
         axes = self.variable_axes.get(name)
-        with distribution.variable_layout_scope(layer, name, shape, axes):
-            variable = layer.add_weight(
-                name=name,
+        base_layer, qualified = layer.layer, layer.qualified(name)
+        with distribution.variable_layout_scope(base_layer, qualified, shape, axes):
+            variable = base_layer.add_weight(
+                name=qualified,
                 shape=shape,
                 initializer=initializer,
                 regularizer=regularizer,
@@ -185,5 +195,9 @@ class Adapter:
         kernel = self.adapted_kernel(layer, view, layer._kernel)
         return view.project(inputs, ops.cast(kernel, layer.compute_dtype))
 
+    def delta(self, layer, view, inputs, training=None):
+        """The term an additive adapter adds to the layer's output."""
+        raise NotImplementedError
+
     def release(self, layer):
-        """Drops state other than variables when the adapter is removed."""
+        """Drops state other than what it set on `layer` (that goes anyway)."""

@@ -5,7 +5,6 @@ import math
 import keras
 from keras import ops
 
-from keras_adapters import _keras_internals as internals
 from keras_adapters.adapters.base import FACTOR_INITIALIZERS
 from keras_adapters.adapters.base import Adapter
 from keras_adapters.adapters.base import check_initializer
@@ -64,6 +63,7 @@ class LoRA(Adapter):
     """
 
     method = "lora"
+    additive = True
     variable_axes = {"lora_a": ("in", None), "lora_b": (None, "out")}
 
     def __init__(
@@ -137,12 +137,8 @@ class LoRA(Adapter):
             self._initializer(self.b_initializer),
         )
         if self.dropout > 0:
-            layer._keras_adapters_seed = keras.random.SeedGenerator()
+            layer.lora_dropout_seed = keras.random.SeedGenerator()
         return ("lora_a", "lora_b")
-
-    def release(self, layer):
-        if hasattr(layer, "_keras_adapters_seed"):
-            internals.untrack_attribute(layer, "_keras_adapters_seed")
 
     def delta_matrix(self, layer):
         """`s A B`, the `(d_in, d_out)` update, in float32."""
@@ -151,11 +147,15 @@ class LoRA(Adapter):
     def adapted_matrix(self, layer, matrix):
         return matrix + self.delta_matrix(layer)
 
-    def call(self, layer, view, inputs, training=None):
-        outputs = view.project(inputs, layer._kernel)
+    def delta(self, layer, view, inputs, training=None):
+        """`s (dropout(x) A) B` in the layer's output layout, in float32."""
         x = ops.cast(inputs, "float32")
         if training and self.dropout > 0:
-            x = keras.random.dropout(x, self.dropout, seed=layer._keras_adapters_seed)
+            x = keras.random.dropout(x, self.dropout, seed=layer.lora_dropout_seed)
         hidden = view.contract_inputs(x, layer.lora_a) * self.scale
-        delta = view.expand_outputs(hidden, layer.lora_b)
+        return view.expand_outputs(hidden, layer.lora_b)
+
+    def call(self, layer, view, inputs, training=None):
+        outputs = view.project(inputs, layer._kernel)
+        delta = self.delta(layer, view, inputs, training=training)
         return ops.add(outputs, ops.cast(delta, outputs.dtype))

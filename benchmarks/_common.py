@@ -1,0 +1,79 @@
+"""What the benchmark scripts share: the MiniLM-sized model, data, metadata."""
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+
+import keras
+import keras_hub
+import numpy as np
+
+import keras_adapters as ka
+
+BATCH = 16
+SEQ = 128
+NUM_CLASSES = 5
+# all-MiniLM-L6-v2's shape, with random weights (no download).
+BERT = dict(
+    vocabulary_size=30522,
+    num_layers=6,
+    num_heads=12,
+    hidden_dim=384,
+    intermediate_dim=1536,
+    max_sequence_length=512,
+)
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def build_classifier(seed=0, **overrides):
+    """A MiniLM-sized `BertTextClassifier` from config (random weights)."""
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.BertBackbone(**{**BERT, **overrides})
+    return keras_hub.models.BertTextClassifier(
+        backbone=backbone, num_classes=NUM_CLASSES, preprocessor=None
+    )
+
+
+def make_batch(batch=BATCH, seq=SEQ, seed=0):
+    """`(x, y)`: random token ids (no padding) and labels."""
+    rng = np.random.default_rng(seed)
+    x = {
+        "token_ids": rng.integers(1, BERT["vocabulary_size"], (batch, seq)).astype(
+            "int32"
+        ),
+        "segment_ids": np.zeros((batch, seq), "int32"),
+        "padding_mask": np.ones((batch, seq), "int32"),
+    }
+    return x, rng.integers(0, NUM_CLASSES, (batch,)).astype("int32")
+
+
+def metadata():
+    """Date, versions and machine, for the JSON results."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "backend": keras.backend.backend(),
+        "versions": {
+            "keras": keras.__version__,
+            "keras_hub": keras_hub.__version__,
+            "keras_adapters": ka.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+        },
+    }
+
+
+def write_json(result, output, name):
+    """Writes `result` to `output`, or `results/<name>-<backend>.json`."""
+    path = pathlib.Path(output or RESULTS / f"{name}-{keras.backend.backend()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
