@@ -7,6 +7,7 @@ methods `enable_adapter`, `merge_adapters`, `save_adapter_weights` and
 
 from keras_adapters import calibration
 from keras_adapters import distribution
+from keras_adapters import interop
 from keras_adapters import optimizers
 from keras_adapters import workflows
 from keras_adapters.adapters import GOFT
@@ -53,6 +54,7 @@ __all__ = [
     "distribution",
     "enable_adapter",
     "export_saved_model",
+    "interop",
     "load_adapter_weights",
     "merge_adapters",
     "optimizers",
