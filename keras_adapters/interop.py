@@ -83,9 +83,14 @@ class _Architecture:
     prefixes: tuple
 
     def defaults(self, model):
-        task = type(model).__name__ if model is not _root(model) else None
-        by_task = {t: (prefix, task_type) for t, prefix, task_type in self.prefixes}
-        return by_task.get(task, by_task[None])
+        """`(module prefix, task type)` of the Hugging Face model for `model`."""
+        import keras_hub
+
+        for task, prefix, task_type in self.prefixes:
+            cls = getattr(keras_hub.models, task, None) if task else None
+            if cls is not None and isinstance(model, cls):
+                return prefix, task_type
+        return next((p, t) for task, p, t in self.prefixes if task is None)
 
 
 _ARCHITECTURES = (
@@ -832,11 +837,15 @@ def _plan(root, architecture, factors, lora, config, directory):
         if layer is None:
             problems.append(f"{module}: the model has no layer '{layer_path}'")
             continue
-        try:
-            view = adapter_layers.check_supported(layer)
-        except adapter_layers.UnsupportedLayerError as error:
-            problems.append(f"{module}: {error}")
-            continue
+        if adapter_layers.is_adapted(layer):
+            # enable_adapter reports this (before changing anything).
+            view = adapter_layers.KernelView(layer)
+        else:
+            try:
+                view = adapter_layers.check_supported(layer)
+            except adapter_layers.UnsupportedLayerError as error:
+                problems.append(f"{module}: {error}")
+                continue
         expected_a, expected_b = (lora.rank, view.d_in), (view.d_out, lora.rank)
         if a.shape != expected_a or b.shape != expected_b:
             problems.append(
