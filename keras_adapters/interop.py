@@ -45,15 +45,12 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 _KEY_PREFIX = "base_model.model."
-_TASK_TYPES = (
-    None,
-    "SEQ_CLS",
-    "SEQ_2_SEQ_LM",
-    "CAUSAL_LM",
-    "TOKEN_CLS",
-    "QUESTION_ANS",
-    "FEATURE_EXTRACTION",
-)
+# PEFT task types an exported adapter may declare. With "SEQ_CLS",
+# "TOKEN_CLS" and "QUESTION_ANS", PEFT adds the task head to
+# `modules_to_save` and fails to load a file without the head's weights,
+# which save_peft_adapter does not write.
+_TASK_TYPES = (None, "FEATURE_EXTRACTION", "CAUSAL_LM")
+_TASK_TYPES_WITH_HEADS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +125,8 @@ _ARCHITECTURES = (
         ambiguous_leaves=("dense",),
         prefixes=(
             (None, "", "FEATURE_EXTRACTION"),  # BertModel
-            ("BertTextClassifier", "bert.", "SEQ_CLS"),
+            # BertForSequenceClassification; no task type (see _TASK_TYPES).
+            ("BertTextClassifier", "bert.", None),
             ("BertMaskedLM", "bert.", None),
         ),
     ),
@@ -354,8 +352,8 @@ def save_peft_adapter(
     an adapter imported with `load_peft_adapter`, the defaults reproduce the
     imported file's names, task type and base model. Otherwise they are:
     BERT backbone: `BertModel` (prefix `""`, task `"FEATURE_EXTRACTION"`);
-    `BertTextClassifier`: `BertForSequenceClassification` (`"bert."`,
-    `"SEQ_CLS"`); Llama and Gemma: `*ForCausalLM` (`"model."`,
+    `BertTextClassifier`: `BertForSequenceClassification` (`"bert."`, no
+    task type); Llama and Gemma: `*ForCausalLM` (`"model."`,
     `"CAUSAL_LM"`).
 
     Only the LoRA factors are written; a Task's trained head and other
@@ -373,9 +371,10 @@ def save_peft_adapter(
         module_prefix: the prefix of the transformer body's module names in
             the Hugging Face model the adapter is for (`""`, `"bert."`,
             `"model."`); see above for the default.
-        task_type: PEFT's task type (`"CAUSAL_LM"`, `"SEQ_CLS"`,
-            `"FEATURE_EXTRACTION"`, ..., or `None`); `"auto"` picks the
-            default described above.
+        task_type: PEFT's task type: `"CAUSAL_LM"`, `"FEATURE_EXTRACTION"`
+            or `None`; `"auto"` picks the default described above. Task
+            types with a head (`"SEQ_CLS"`, ...) are refused: PEFT then
+            expects the head's weights, which are not written.
         overwrite: replace `path` if it is a non-empty directory (its whole
             content is replaced).
 
@@ -415,6 +414,14 @@ def save_peft_adapter(
         )
     if task_type == "auto":
         task_type = default_task
+    if task_type in _TASK_TYPES_WITH_HEADS:
+        raise ValueError(
+            f"`task_type={task_type!r}` is not supported: with it PEFT expects the "
+            "task head's weights in the adapter (modules_to_save), and "
+            "save_peft_adapter writes only the LoRA factors. Use task_type=None "
+            "(PeftModel.from_pretrained loads it into any Hugging Face class) or "
+            f"one of {list(_TASK_TYPES)}."
+        )
     if task_type not in _TASK_TYPES:
         raise ValueError(
             f"`task_type` must be one of {list(_TASK_TYPES)} or 'auto'; "

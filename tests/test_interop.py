@@ -273,7 +273,7 @@ def test_export_names_modules_for_the_hugging_face_class(tmp_path):
     with pytest.warns(UserWarning, match="logits"):
         ka.interop.save_peft_adapter(classifier, tmp_path / "cls")
     config = _read_config(tmp_path / "cls")
-    assert config["task_type"] == "SEQ_CLS"
+    assert config["task_type"] is None  # SEQ_CLS would need the head.
     assert config["target_modules"] == ["query", "value"]
     assert _saved_modules(tmp_path / "cls") == {
         f"bert.encoder.layer.{i}.attention.self.{m}"
@@ -544,4 +544,80 @@ def test_export_errors(bert, tmp_path):
         interop.save_peft_adapter(backbone, tmp_path / "a", module_prefix="bert")
     with pytest.raises(ValueError, match="task_type"):
         interop.save_peft_adapter(backbone, tmp_path / "a", task_type="CLASSIFY")
+    with pytest.raises(ValueError, match=r"task_type='SEQ_CLS'.*head's weights"):
+        interop.save_peft_adapter(backbone, tmp_path / "a", task_type="SEQ_CLS")
     assert not os.path.exists(tmp_path / "a")
+
+
+# Live: through real PyTorch and PEFT, when they are installed (they are not
+# dependencies). `tests/data/make_peft_fixtures.py` lists the versions used.
+
+LIVE_CASES = {
+    # case: (checkpoint, Hugging Face class, Keras targets, LoRA)
+    "bert_model": (
+        "bert",
+        "BertModel",
+        ka.attention("query", "key", "value", "attention_output"),
+        ka.LoRA(rank=3, alpha=6),
+    ),
+    "bert_classifier": (
+        "bert",
+        "BertForSequenceClassification",
+        [r".*_dense", "pooled_dense"],
+        ka.LoRA(rank=2, alpha=4, use_rslora=True),
+    ),
+    "llama_one_layer": (
+        "llama",
+        "LlamaForCausalLM",
+        [r"transformer_layer_1/.*"],
+        ka.LoRA(rank=4, alpha=8),
+    ),
+    "gemma": ("gemma", "GemmaForCausalLM", [r".*"], ka.LoRA(rank=2, alpha=3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIVE_CASES))
+def test_live_export_loads_in_peft_with_the_same_outputs(case, tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    kind, hf_class, targets, lora = LIVE_CASES[case]
+    backbone = _backbone(kind)
+    model = backbone
+    if hf_class == "BertForSequenceClassification":
+        model = keras_hub.models.BertTextClassifier(
+            backbone=backbone, num_classes=2, preprocessor=None
+        )
+    ka.enable_adapter(model, lora, targets)
+    rng = np.random.default_rng(1)
+    for layer in ka.adapted_layers(model):
+        layer.lora_a.assign(0.3 * rng.normal(size=layer.lora_a.shape))
+        layer.lora_b.assign(0.3 * rng.normal(size=layer.lora_b.shape))
+    expected = _outputs(backbone)["sequence_output"]
+    path = str(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # The classifier head.
+        ka.interop.save_peft_adapter(model, path)
+
+    kwargs = {"num_labels": 2} if hf_class.endswith("Classification") else {}
+    hf_model = getattr(transformers, hf_class).from_pretrained(
+        os.path.join(DATA, kind), **kwargs
+    )
+    peft_model = peft.PeftModel.from_pretrained(hf_model, path).eval()
+    lora_modules = {
+        name
+        for name, module in peft_model.base_model.model.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+    assert lora_modules == _saved_modules(path)
+    body = peft_model.base_model.model
+    body = getattr(body, "bert", None) or getattr(body, "model", None) or body
+    with torch.no_grad():
+        outputs = body(
+            input_ids=torch.tensor(OUTPUTS["token_ids"], dtype=torch.long),
+            attention_mask=torch.tensor(OUTPUTS["padding_mask"], dtype=torch.long),
+        )
+    actual = outputs.last_hidden_state.numpy()
+    np.testing.assert_allclose(actual, expected, **TOLERANCE)
+    base = OUTPUTS[f"{kind}/sequence_output"]
+    assert np.abs(actual - base).max() > 0.1  # The adapter took effect.
