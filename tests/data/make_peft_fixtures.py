@@ -76,6 +76,9 @@ def _save_adapter(model, directory, base_name):
     config_path = directory / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = f"tests/data/peft/{base_name}"
+    # PEFT writes target_modules from a set; sort it so reruns are identical.
+    if isinstance(config["target_modules"], list):
+        config["target_modules"] = sorted(config["target_modules"])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -235,6 +238,31 @@ def decoder(kind, token_ids, padding_mask, outputs, modules):
     _save_adapter(model, OUT / f"{kind}_lora", kind)
 
 
+README = """\
+# PEFT interop fixtures
+
+Written by `tests/data/make_peft_fixtures.py` (library versions in
+`versions.json`); used by `tests/test_interop.py` and `docs/peft_interop.md`.
+Do not edit by hand: change the script and run it again.
+
+- `bert/`, `llama/`, `gemma/`: tiny random Hugging Face checkpoints
+  (`config.json`, `model.safetensors`; BERT also `vocab.txt` and
+  `tokenizer_config.json`) that KerasHub's `from_preset` converts.
+- `bert_lora/`: PEFT LoRA on `BertModel`, `query` and `value`, r=4, alpha=8,
+  dropout 0.1.
+- `bert_lora_all/`: PEFT LoRA on `BertForSequenceClassification` (module
+  names start with `bert.`), `key` and every `dense` (attention output,
+  intermediate, output, pooler), r=2, alpha=3, rsLoRA.
+- `llama_lora/`, `gemma_lora/`: PEFT LoRA on `*ForCausalLM`, all seven
+  projections, r=4, alpha=16 (rsLoRA for Llama), dropout 0.05.
+- `outputs.npz`: `token_ids` and `padding_mask` (2 x 8, right padding), and
+  the PyTorch outputs `<fixture>/sequence_output` (and BERT's
+  `pooled_output`) of each base model and each adapter.
+- `linear_modules.json`: the names of every `torch.nn.Linear` of each
+  Hugging Face class, to check what an exported `target_modules` selects.
+"""
+
+
 def main():
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -260,6 +288,7 @@ def main():
         "generated_by": "tests/data/make_peft_fixtures.py",
     }
     (OUT / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
+    (OUT / "README.md").write_text(README)
     for path in sorted(OUT.rglob("*")):
         if path.is_file():
             print(f"{path.relative_to(OUT)}: {path.stat().st_size:,} bytes")
