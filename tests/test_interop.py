@@ -151,6 +151,26 @@ def test_imported_adapter_matches_pytorch(fixture):
     assert np.abs(_outputs(backbone)["sequence_output"] - base).max() > 0.5
 
 
+@pytest.mark.parametrize("fixture", ["llama_lora", "gemma_lora"])
+def test_comparison_detects_a_wrong_head_layout(fixture):
+    # The tolerance is tight enough to catch a per-head layout mistake: the
+    # same factors with the query's (heads, head_dim) output order swapped
+    # to (head_dim, heads) no longer match PyTorch.
+    backbone = _backbone(ADAPTERS[fixture][0])
+    interop.load_peft_adapter(backbone, os.path.join(DATA, fixture))
+    for layer in ka.adapted_layers(backbone):
+        if layer.path.endswith("attention/query"):
+            b = keras.ops.convert_to_numpy(layer.lora_b)
+            heads, head_dim = layer._kernel.shape[-2], layer._kernel.shape[-1]
+            if "decoder_block" in layer.path:  # Gemma: (heads, hidden, head_dim)
+                heads = layer._kernel.shape[0]
+            swapped = b.reshape(-1, heads, head_dim).transpose(0, 2, 1)
+            layer.lora_b.assign(swapped.reshape(b.shape))
+    actual = _outputs(backbone)["sequence_output"]
+    expected = OUTPUTS[f"{fixture}/sequence_output"]
+    assert np.abs(actual - expected).max() > 0.1
+
+
 @pytest.mark.parametrize("fixture", ["bert_lora_all", "llama_lora", "gemma_lora"])
 def test_merge_after_import_matches_pytorch(fixture):
     backbone = _backbone(ADAPTERS[fixture][0])
