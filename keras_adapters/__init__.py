@@ -10,6 +10,7 @@ name).
 
 from keras_adapters import calibration
 from keras_adapters import distribution
+from keras_adapters import interop
 from keras_adapters import optimizers
 from keras_adapters import workflows
 from keras_adapters.adapters import GOFT
@@ -67,6 +68,7 @@ __all__ = [
     "distribution",
     "enable_adapter",
     "export_saved_model",
+    "interop",
     "load_adapter_weights",
     "merge_adapters",
     "optimizers",

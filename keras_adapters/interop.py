@@ -1,0 +1,1000 @@
+"""Moving LoRA adapters between Hugging Face PEFT and Keras.
+
+`load_peft_adapter` reads a PEFT LoRA adapter directory (`adapter_config.json`
+and `adapter_model.safetensors`) into a KerasHub model converted from the
+same Hugging Face checkpoint; `save_peft_adapter` writes a model's LoRA
+adapter in PEFT's format, so `peft.PeftModel.from_pretrained` loads it.
+
+Each supported architecture has a small table from Hugging Face module names
+(`encoder.layer.{i}.attention.self.query`) to KerasHub layer paths
+(`transformer_layer_{i}/self_attention_layer/query`). For every entry, the
+2-D view of the KerasHub kernel (`KernelView`: input axes x output axes) is
+the transposed Hugging Face weight, as KerasHub's converters port it: BERT's
+and Llama's per-head query kernels `(hidden, heads, head_dim)`, Gemma's
+`(heads, hidden, head_dim)` and the attention outputs
+`(heads, head_dim, hidden)` all flatten, through the view, to
+`weight.T`. So PEFT's `lora_A.weight` `(r, in)` and `lora_B.weight`
+`(out, r)` are our `lora_a` `(in, r)` and `lora_b` `(r, out)` transposed,
+with no per-head reordering. `tests/test_interop.py` checks this against
+PyTorch outputs.
+
+The safetensors files are read and written with NumPy alone (the format is
+a JSON header and raw little-endian arrays), so this module needs neither
+PyTorch nor the `safetensors` package.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+import weakref
+
+import keras
+import numpy as np
+
+from keras_adapters import layers as adapter_layers
+from keras_adapters import model as adapter_model
+from keras_adapters import targeting
+from keras_adapters.adapters.lora import LoRA
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PICKLE_WEIGHTS_FILE = "adapter_model.bin"
+_KEY_PREFIX = "base_model.model."
+# PEFT task types an exported adapter may declare. With "SEQ_CLS",
+# "TOKEN_CLS" and "QUESTION_ANS", PEFT adds the task head to
+# `modules_to_save` and fails to load a file without the head's weights,
+# which save_peft_adapter does not write.
+_TASK_TYPES = (None, "FEATURE_EXTRACTION", "CAUSAL_LM")
+_TASK_TYPES_WITH_HEADS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Architecture:
+    """How one KerasHub architecture names the modules PEFT adapts.
+
+    Attributes:
+        name: shown in messages.
+        backbone_class: the `keras_hub.models` backbone class name.
+        hf_classes: prefixes of the Hugging Face class names of this family
+            (`"Bert"` for `BertModel`, `BertForSequenceClassification`).
+        modules: `(Hugging Face module, KerasHub layer path)` templates;
+            `{i}` is the transformer layer index.
+        ambiguous_leaves: last module-name components that also name
+            modules outside `modules` in some Hugging Face class (BERT's
+            `dense`), so `target_modules` never uses them alone.
+        prefixes: `(keras_hub task class name or None, module prefix, PEFT
+            task type)`: the default Hugging Face model a saved adapter is
+            named for; `None` is the backbone and any other task.
+    """
+
+    name: str
+    backbone_class: str
+    hf_classes: tuple
+    modules: tuple
+    ambiguous_leaves: tuple
+    prefixes: tuple
+
+    def defaults(self, model):
+        """`(module prefix, task type)` of the Hugging Face model for `model`."""
+        import keras_hub
+
+        for task, prefix, task_type in self.prefixes:
+            cls = getattr(keras_hub.models, task, None) if task else None
+            if cls is not None and isinstance(model, cls):
+                return prefix, task_type
+        return next((p, t) for task, p, t in self.prefixes if task is None)
+
+
+_ARCHITECTURES = (
+    _Architecture(
+        name="BERT",
+        backbone_class="BertBackbone",
+        hf_classes=("Bert",),
+        modules=(
+            (
+                "encoder.layer.{i}.attention.self.query",
+                "transformer_layer_{i}/self_attention_layer/query",
+            ),
+            (
+                "encoder.layer.{i}.attention.self.key",
+                "transformer_layer_{i}/self_attention_layer/key",
+            ),
+            (
+                "encoder.layer.{i}.attention.self.value",
+                "transformer_layer_{i}/self_attention_layer/value",
+            ),
+            (
+                "encoder.layer.{i}.attention.output.dense",
+                "transformer_layer_{i}/self_attention_layer/attention_output",
+            ),
+            (
+                "encoder.layer.{i}.intermediate.dense",
+                "transformer_layer_{i}/feedforward_intermediate_dense",
+            ),
+            (
+                "encoder.layer.{i}.output.dense",
+                "transformer_layer_{i}/feedforward_output_dense",
+            ),
+            ("pooler.dense", "pooled_dense"),
+        ),
+        ambiguous_leaves=("dense",),
+        prefixes=(
+            (None, "", "FEATURE_EXTRACTION"),  # BertModel
+            # BertForSequenceClassification; no task type (see _TASK_TYPES).
+            ("BertTextClassifier", "bert.", None),
+            ("BertMaskedLM", "bert.", None),
+        ),
+    ),
+    _Architecture(
+        name="Llama",
+        backbone_class="LlamaBackbone",  # Llama3Backbone is a subclass.
+        hf_classes=("Llama",),
+        modules=(
+            (
+                "layers.{i}.self_attn.q_proj",
+                "transformer_layer_{i}/self_attention/query",
+            ),
+            ("layers.{i}.self_attn.k_proj", "transformer_layer_{i}/self_attention/key"),
+            (
+                "layers.{i}.self_attn.v_proj",
+                "transformer_layer_{i}/self_attention/value",
+            ),
+            (
+                "layers.{i}.self_attn.o_proj",
+                "transformer_layer_{i}/self_attention/attention_output",
+            ),
+            (
+                "layers.{i}.mlp.gate_proj",
+                "transformer_layer_{i}/feedforward_gate_dense",
+            ),
+            (
+                "layers.{i}.mlp.up_proj",
+                "transformer_layer_{i}/feedforward_intermediate_dense",
+            ),
+            (
+                "layers.{i}.mlp.down_proj",
+                "transformer_layer_{i}/feedforward_output_dense",
+            ),
+        ),
+        ambiguous_leaves=(),
+        prefixes=((None, "model.", "CAUSAL_LM"),),  # LlamaForCausalLM
+    ),
+    _Architecture(
+        name="Gemma",
+        backbone_class="GemmaBackbone",
+        hf_classes=("Gemma",),
+        modules=(
+            ("layers.{i}.self_attn.q_proj", "decoder_block_{i}/attention/query"),
+            ("layers.{i}.self_attn.k_proj", "decoder_block_{i}/attention/key"),
+            ("layers.{i}.self_attn.v_proj", "decoder_block_{i}/attention/value"),
+            (
+                "layers.{i}.self_attn.o_proj",
+                "decoder_block_{i}/attention/attention_output",
+            ),
+            ("layers.{i}.mlp.gate_proj", "decoder_block_{i}/ffw_gating"),
+            ("layers.{i}.mlp.up_proj", "decoder_block_{i}/ffw_gating_2"),
+            ("layers.{i}.mlp.down_proj", "decoder_block_{i}/ffw_linear"),
+        ),
+        ambiguous_leaves=(),
+        prefixes=((None, "model.", "CAUSAL_LM"),),  # GemmaForCausalLM
+    ),
+)
+
+# PEFT LoRA settings that change the adapter's math or add trained weights
+# beyond A and B, with the only value (or values) keras_adapters imports.
+_REQUIRED_SETTINGS = {
+    "use_dora": ((False, None), "DoRA (weight-decomposed LoRA)"),
+    "bias": (("none", None), "trained biases"),
+    "lora_bias": ((False, None), "a trained bias on lora_B"),
+    "modules_to_save": ((None, []), "fully trained extra modules"),
+    "rank_pattern": (({}, None), "per-module ranks"),
+    "alpha_pattern": (({}, None), "per-module alphas"),
+    "fan_in_fan_out": ((False, None), "transposed (Conv1D) weights"),
+    "use_qalora": ((False, None), "QALoRA"),
+    "trainable_token_indices": ((None, [], {}), "trainable token embeddings"),
+    "alora_invocation_tokens": ((None, []), "activated LoRA"),
+    "layer_replication": ((None, []), "layer replication"),
+    "target_parameters": ((None, []), "LoRA on parameters (MoE experts)"),
+    "use_bdlora": ((None, False), "block-diagonal LoRA"),
+    "arrow_config": ((None,), "Arrow routing"),
+    "kasa_config": ((None,), "KaSA"),
+    "monteclora_config": ((None,), "MonteCLoRA"),
+    "velora_config": ((None,), "VeLoRA"),
+    "megatron_config": ((None,), "Megatron layers"),
+}
+# PEFT LoRA settings that do not change an imported adapter (bookkeeping,
+# initialization, module selection already reflected by the tensors).
+_IGNORED_SETTINGS = {
+    "peft_type",
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "init_lora_weights",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "runtime_config",
+    "megatron_core",
+    "qalora_group_size",
+    "ensure_weight_tying",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Origin:
+    """Where an imported adapter came from, for `save_peft_adapter` defaults."""
+
+    adapter: LoRA
+    module_prefix: str
+    task_type: str | None
+    base_model_name_or_path: str | None
+
+
+# Adapted root model -> {adapter name: _Origin}.
+_ORIGINS = weakref.WeakKeyDictionary()
+
+
+def load_peft_adapter(model, path, *, name: str = "default"):
+    """Loads a Hugging Face PEFT LoRA adapter into a KerasHub model.
+
+    The model must be converted from the Hugging Face checkpoint the adapter
+    was trained on (for example `keras_hub.models.BertBackbone.from_preset`
+    on that checkpoint's directory or `hf://` handle), or be a Task whose
+    backbone is. Each module PEFT adapted becomes a `ka.LoRA` adapter on the
+    matching KerasHub layer, with PEFT's rank, alpha, rsLoRA scaling and
+    dropout, and the factors transposed into `lora_a` and `lora_b`. The
+    adapted model then computes what the PEFT model computes; train it
+    further, merge it, or save it with `ka.save_adapter_weights` or
+    `save_peft_adapter`.
+
+    Supported: LoRA adapters (`peft_type` `"LORA"`) of BERT, Llama and Gemma
+    models on their attention and MLP projections, stored as safetensors.
+    Every check runs first: an adapter that cannot be imported exactly
+    raises and leaves the model unchanged.
+
+    Args:
+        model: a built KerasHub `BertBackbone`, `LlamaBackbone` (Llama 3
+            included) or `GemmaBackbone`, or a Task built on one.
+        path: the adapter directory (holding `adapter_config.json` and
+            `adapter_model.safetensors`).
+        name: the adapter's name in `model`.
+
+    Returns:
+        The `AdapterReport` of the `enable_adapter` call.
+
+    Raises:
+        FileNotFoundError: `path` has no `adapter_config.json` or no weights.
+        ValueError: the adapter is not plain LoRA (DoRA, trained biases,
+            `modules_to_save`, per-module ranks, another `peft_type`), it
+            adapts modules without a KerasHub counterpart, its shapes do not
+            fit the model, the weights are not safetensors, or the model's
+            architecture has no mapping.
+
+    Example:
+
+    ```python
+    import keras_hub
+    import keras_adapters as ka
+
+    backbone = keras_hub.models.BertBackbone.from_preset("tests/data/peft/bert")
+    ka.interop.load_peft_adapter(backbone, "tests/data/peft/bert_lora")
+    ```
+    """
+    adapter_model._check_model(model)
+    root = _root(model)
+    architecture = _architecture(root)
+    directory = _check_adapter_directory(path)
+    config = _read_config(directory)
+    lora = _lora_from_config(config, architecture, directory)
+    tensors = _read_safetensors(os.path.join(directory, WEIGHTS_FILE))
+    prefix, factors = _match_tensors(tensors, architecture, directory)
+    plan = _plan(root, architecture, factors, lora, config, directory)
+    report = adapter_model.enable_adapter(
+        model,
+        lora,
+        targets=targeting.PathsTarget(sorted(plan), root.name),
+        name=name,
+    )
+    for layer_path, _, lora_a, lora_b in _lora_layers(model, name)[1]:
+        a, b = plan[layer_path]
+        lora_a.assign(a.T)
+        lora_b.assign(b.T)
+    _ORIGINS.setdefault(root, {})[name] = _Origin(
+        adapter=lora,
+        module_prefix=prefix,
+        task_type=config.get("task_type"),
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+    )
+    return report
+
+
+def save_peft_adapter(
+    model,
+    path,
+    *,
+    name: str = "default",
+    base_model_name_or_path: str | None = None,
+    module_prefix: str | None = None,
+    task_type: str | None = "auto",
+    overwrite: bool = False,
+) -> None:
+    """Writes a model's LoRA adapter as a Hugging Face PEFT adapter directory.
+
+    The directory holds `adapter_config.json` (`peft_type` `"LORA"`, `r`,
+    `lora_alpha`, `use_rslora`, `lora_dropout`, `target_modules`, ...) and
+    `adapter_model.safetensors` with the tensors PEFT expects
+    (`base_model.model.<module>.lora_A.weight` `(r, in)` and
+    `...lora_B.weight` `(out, r)`), so
+    `peft.PeftModel.from_pretrained(hf_model, path)` loads it into the
+    Hugging Face model the KerasHub model was converted from.
+
+    PEFT matches tensors to modules by their full names, which depend on the
+    Hugging Face class the adapter is loaded into: `BertModel` names its
+    modules `encoder.layer.0...`, `BertForSequenceClassification`
+    `bert.encoder.layer.0...`, `LlamaForCausalLM` `model.layers.0...`. For
+    an adapter imported with `load_peft_adapter`, the defaults reproduce the
+    imported file's names, task type and base model. Otherwise they are:
+    BERT backbone: `BertModel` (prefix `""`, task `"FEATURE_EXTRACTION"`);
+    `BertTextClassifier`: `BertForSequenceClassification` (`"bert."`, no
+    task type); Llama and Gemma: `*ForCausalLM` (`"model."`,
+    `"CAUSAL_LM"`).
+
+    Only the LoRA factors are written; a Task's trained head and other
+    `keep_trainable` weights are not (a warning says so; save them with
+    `ka.save_adapter_weights`). The directory is written beside `path` and
+    renamed into place, so an interrupted save leaves no partial adapter.
+
+    Args:
+        model: a KerasHub BERT, Llama or Gemma backbone, or a Task built on
+            one, with a LoRA adapter.
+        path: the directory to write.
+        name: which adapter of `model` to write.
+        base_model_name_or_path: recorded in `adapter_config.json` (PEFT's
+            `AutoPeftModel` classes load the base model from it).
+        module_prefix: the prefix of the transformer body's module names in
+            the Hugging Face model the adapter is for (`""`, `"bert."`,
+            `"model."`); see above for the default.
+        task_type: PEFT's task type: `"CAUSAL_LM"`, `"FEATURE_EXTRACTION"`
+            or `None`; `"auto"` picks the default described above. Task
+            types with a head (`"SEQ_CLS"`, ...) are refused: PEFT then
+            expects the head's weights, which are not written.
+        overwrite: replace `path` if it is a non-empty directory (its whole
+            content is replaced).
+
+    Raises:
+        ValueError: `model` has no LoRA adapter named `name` (HUT and qGOFT
+            adapters have no PEFT LoRA equivalent), an adapted layer has no
+            Hugging Face counterpart, the architecture has no mapping, a bad
+            argument, or `path` is a non-empty directory and `overwrite` is
+            False.
+
+    Example:
+
+    ```python
+    ka.interop.save_peft_adapter(backbone, "exported_lora")
+    ```
+    """
+    adapter_model._check_model(model)
+    root = _root(model)
+    architecture = _architecture(root)
+    lora, rows = _lora_layers(model, name)
+    origin = _ORIGINS.get(root, {}).get(name)
+    if origin is not None and origin.adapter is not lora:
+        origin = None
+    default_prefix, default_task = (
+        (origin.module_prefix, origin.task_type)
+        if origin is not None
+        else architecture.defaults(model)
+    )
+    if module_prefix is None:
+        module_prefix = default_prefix
+    if not isinstance(module_prefix, str) or not re.fullmatch(
+        r"(?:[A-Za-z_]\w*\.)*", module_prefix
+    ):
+        raise ValueError(
+            "`module_prefix` must be '' or dotted module names ending in '.', "
+            f"such as 'bert.' or 'model.'; received {module_prefix!r}."
+        )
+    if task_type == "auto":
+        task_type = default_task
+    if task_type in _TASK_TYPES_WITH_HEADS:
+        raise ValueError(
+            f"`task_type={task_type!r}` is not supported: with it PEFT expects the "
+            "task head's weights in the adapter (modules_to_save), and "
+            "save_peft_adapter writes only the LoRA factors. Use task_type=None "
+            "(PeftModel.from_pretrained loads it into any Hugging Face class) or "
+            f"one of {list(_TASK_TYPES)}."
+        )
+    if task_type not in _TASK_TYPES:
+        raise ValueError(
+            f"`task_type` must be one of {list(_TASK_TYPES)} or 'auto'; "
+            f"received {task_type!r}."
+        )
+    if base_model_name_or_path is None and origin is not None:
+        base_model_name_or_path = origin.base_model_name_or_path
+    if base_model_name_or_path is not None and not isinstance(
+        base_model_name_or_path, str
+    ):
+        raise ValueError(
+            "`base_model_name_or_path` must be a str or None; received "
+            f"{base_model_name_or_path!r}."
+        )
+    path = _check_output_directory(path, overwrite)
+
+    to_module = _keras_to_hf(architecture)
+    modules, unmapped = {}, []
+    for layer_path, _, lora_a, lora_b in rows:
+        module = to_module(layer_path)
+        if module is None:
+            unmapped.append(layer_path)
+        else:
+            modules[module] = (lora_a, lora_b)
+    if unmapped:
+        raise ValueError(
+            f"Adapter {name!r} adapts layers without a Hugging Face "
+            f"{architecture.name} counterpart: {unmapped}. PEFT export supports "
+            f"these layers: {[k for _, k in architecture.modules]}."
+        )
+    tensors = {}
+    for module, (lora_a, lora_b) in modules.items():
+        key = f"{_KEY_PREFIX}{module_prefix}{module}"
+        tensors[f"{key}.lora_A.weight"] = _numpy(lora_a).T
+        tensors[f"{key}.lora_B.weight"] = _numpy(lora_b).T
+    available = {m for m in map(to_module, _layer_paths(root)) if m is not None}
+    alpha = lora.rank if lora.alpha is None else lora.alpha
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": lora.rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": lora.dropout,
+        "use_rslora": lora.use_rslora,
+        "target_modules": _target_modules(
+            architecture, set(modules), available, module_prefix
+        ),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "lora_bias": False,
+    }
+    _warn_about_other_trained_weights(model, name)
+    _write_directory(
+        path,
+        {
+            CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+            WEIGHTS_FILE: _safetensors_bytes(tensors),
+        },
+    )
+
+
+# Access to the model's adapters (one place, for several adapters per layer).
+
+
+def _root(model):
+    return adapter_model._adapted_root(model)
+
+
+def _lora_layers(model, name):
+    """The LoRA adapter `name` of `model` and its layers.
+
+    Returns:
+        `(adapter, [(layer path relative to the root, layer, lora_a,
+        lora_b)])`, in the order the adapter group lists its layers.
+    """
+    groups = adapter_model.adapter_groups(model)
+    if not groups:
+        raise ValueError(
+            f"Model '{model.name}' has no adapters; enable a ka.LoRA adapter or "
+            "load one with load_peft_adapter() first."
+        )
+    group = next((g for g in groups if g.name == name), None)
+    if group is None:
+        raise ValueError(
+            f"Model '{model.name}' has no adapter named {name!r}; it has "
+            f"{[g.name for g in groups]}."
+        )
+    if not isinstance(group.adapter, LoRA):
+        raise ValueError(
+            f"Adapter {name!r} of model '{model.name}' is "
+            f"{type(group.adapter).__name__} ({group.adapter.method}); only LoRA "
+            "adapters have a PEFT LoRA equivalent. Supported: ka.LoRA."
+        )
+    root = _root(model)
+    layers = {
+        targeting.relative_path(root.name, layer.path): layer
+        for layer in adapter_model.adapted_layers(root)
+    }
+    rows = []
+    for layer_path in group.layer_paths:
+        layer = layers[layer_path]
+        variables = adapter_layers.adapter_variables(layer)
+        rows.append((layer_path, layer, variables["lora_a"], variables["lora_b"]))
+    return group.adapter, rows
+
+
+def _layer_paths(root):
+    return [
+        targeting.relative_path(root.name, layer.path)
+        for layer, _ in targeting.candidate_layers(root)
+    ]
+
+
+def _warn_about_other_trained_weights(model, name):
+    adapter_ids = {id(v) for v in adapter_model.adapter_variables(model)}
+    others = [v.path for v in model.trainable_weights if id(v) not in adapter_ids]
+    if others:
+        shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        warnings.warn(
+            f"save_peft_adapter writes only the LoRA factors of adapter {name!r}; "
+            f"{len(others)} other trainable weights of model '{model.name}' "
+            f"({shown}) are not in the PEFT adapter. Save them with "
+            "ka.save_adapter_weights(model, path).",
+            stacklevel=3,
+        )
+
+
+# The architecture tables.
+
+
+def _architecture(root):
+    try:
+        import keras_hub
+    except ImportError:
+        keras_hub = None
+    for architecture in _ARCHITECTURES:
+        if keras_hub is None:
+            break
+        cls = getattr(keras_hub.models, architecture.backbone_class, None)
+        if cls is not None and isinstance(root, cls):
+            return architecture
+    supported = [f"{a.name} ({a.backbone_class})" for a in _ARCHITECTURES]
+    raise ValueError(
+        f"PEFT interop has no module mapping for model '{root.name}' of class "
+        f"{type(root).__name__}. Supported KerasHub backbones (and Tasks built "
+        f"on them): {', '.join(supported)}."
+    )
+
+
+def _template_regex(template):
+    parts = [re.escape(part) for part in template.split("{i}")]
+    return re.compile(r"(?P<i>\d+)".join(parts))
+
+
+def _hf_to_keras(architecture):
+    """`module -> (prefix, keras layer path)`, or `None` if it has no mapping."""
+    patterns = [
+        (
+            re.compile(
+                r"(?P<prefix>(?:[A-Za-z_]\w*\.)*?)" + _template_regex(hf).pattern
+            ),
+            keras_template,
+        )
+        for hf, keras_template in architecture.modules
+    ]
+
+    def convert(module):
+        for pattern, keras_template in patterns:
+            match = pattern.fullmatch(module)
+            if match:
+                path = keras_template.replace("{i}", match.groupdict().get("i") or "")
+                return match["prefix"], path
+        return None
+
+    return convert
+
+
+def _keras_to_hf(architecture):
+    """`keras layer path -> module` (without prefix), or `None`."""
+    patterns = [
+        (_template_regex(keras_template), hf)
+        for hf, keras_template in architecture.modules
+    ]
+
+    def convert(layer_path):
+        for pattern, hf in patterns:
+            match = pattern.fullmatch(layer_path)
+            if match:
+                return hf.replace("{i}", match.groupdict().get("i") or "")
+        return None
+
+    return convert
+
+
+def _target_names(architecture):
+    return [hf for hf, _ in architecture.modules]
+
+
+def _target_supported(target, architecture):
+    """Whether PEFT's rule (module name == target or ends with "." + target)
+    lets the `target_modules` entry `target` select a mapped module."""
+    target_parts = target.split(".")
+    for hf, _ in architecture.modules:
+        parts = hf.split(".")
+        n = min(len(parts), len(target_parts))
+        if all(
+            t == p or (p == "{i}" and t.isdigit())
+            for t, p in zip(target_parts[-n:], parts[-n:], strict=True)
+        ):
+            return True
+    return False
+
+
+def _target_modules(architecture, adapted, available, prefix):
+    """PEFT's `target_modules` selecting exactly the `adapted` modules.
+
+    A list of last name components (`["query", "value"]`) when that selects
+    exactly `adapted` among the mapped modules and no other module of the
+    Hugging Face model; otherwise a regex that fullmatches the full module
+    names.
+    """
+
+    def leaf(module):
+        return module.rsplit(".", 1)[-1]
+
+    leaves = sorted({leaf(m) for m in adapted})
+    if all(
+        name not in architecture.ambiguous_leaves
+        and {m for m in available if leaf(m) == name}
+        == {m for m in adapted if leaf(m) == name}
+        for name in leaves
+    ):
+        return leaves
+    return "|".join(re.escape(prefix + m) for m in sorted(adapted))
+
+
+# Reading and checking an adapter directory.
+
+
+def _check_adapter_directory(path):
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"`path` must be a str or os.PathLike; received {path!r}.")
+    directory = os.fspath(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"No PEFT adapter directory at {directory!r} (expected a directory "
+            f"holding {CONFIG_FILE} and {WEIGHTS_FILE})."
+        )
+    if not os.path.isfile(os.path.join(directory, CONFIG_FILE)):
+        raise FileNotFoundError(f"No {CONFIG_FILE} in {directory!r}.")
+    if not os.path.isfile(os.path.join(directory, WEIGHTS_FILE)):
+        if os.path.isfile(os.path.join(directory, _PICKLE_WEIGHTS_FILE)):
+            raise ValueError(
+                f"{directory!r} holds {_PICKLE_WEIGHTS_FILE} (PyTorch pickle); only "
+                f"{WEIGHTS_FILE} is supported, since loading a pickle can run "
+                "arbitrary code. Convert it where PyTorch and PEFT are "
+                "installed: PeftModel.from_pretrained(base, path)"
+                ".save_pretrained(new_path) writes safetensors."
+            )
+        raise FileNotFoundError(f"No {WEIGHTS_FILE} in {directory!r}.")
+    return directory
+
+
+def _read_config(directory):
+    path = os.path.join(directory, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path!r} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path!r} does not hold a JSON object.")
+    return config
+
+
+def _lora_from_config(config, architecture, directory):
+    """Checks a PEFT config and returns the matching `ka.LoRA`."""
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(
+            f"{directory!r} is a PEFT adapter with peft_type={peft_type!r}; only "
+            "LoRA adapters (peft_type='LORA') can be imported."
+        )
+    problems = []
+    for key, (allowed, what) in _REQUIRED_SETTINGS.items():
+        if key in config and config[key] not in allowed:
+            problems.append(
+                f"{key}={config[key]!r} ({what}; supported: "
+                f"{' or '.join(repr(a) for a in allowed)})"
+            )
+    for key, value in config.items():
+        if key not in _REQUIRED_SETTINGS and key not in _IGNORED_SETTINGS:
+            if value not in (None, False, {}, [], ""):
+                problems.append(
+                    f"{key}={value!r} (a setting keras_adapters does not know)"
+                )
+    if problems:
+        raise ValueError(
+            f"The PEFT LoRA adapter in {directory!r} uses settings keras_adapters "
+            "cannot import exactly: " + "; ".join(problems) + ". Only plain LoRA "
+            "(optionally rsLoRA) on the mapped modules is supported."
+        )
+    targets = config.get("target_modules")
+    if isinstance(targets, (list, tuple)):
+        unsupported = [
+            t for t in targets if not _target_supported(str(t), architecture)
+        ]
+        if unsupported:
+            raise ValueError(
+                f"The PEFT adapter in {directory!r} targets modules without a "
+                f"KerasHub {architecture.name} counterpart: {unsupported}. "
+                "Supported modules (or a suffix of them): "
+                f"{_target_names(architecture)}."
+            )
+    try:
+        return LoRA(
+            rank=config.get("r"),
+            alpha=config.get("lora_alpha", 8),
+            use_rslora=config.get("use_rslora", False),
+            dropout=config.get("lora_dropout", 0.0),
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"{os.path.join(directory, CONFIG_FILE)!r} has an invalid LoRA "
+            f"setting: {error}"
+        ) from None
+
+
+_TENSOR_KEY = re.compile(
+    re.escape(_KEY_PREFIX) + r"(?P<module>.+)\.lora_(?P<factor>[AB])\.weight"
+)
+
+
+def _match_tensors(tensors, architecture, directory):
+    """Groups PEFT tensors by KerasHub layer.
+
+    Returns:
+        `(module prefix, {keras layer path: (module, {"A": array, "B": array})})`.
+    """
+    convert = _hf_to_keras(architecture)
+    unexpected, unsupported, prefixes, factors = [], [], set(), {}
+    for key, value in tensors.items():
+        match = _TENSOR_KEY.fullmatch(key)
+        if match is None:
+            unexpected.append(key)
+            continue
+        mapped = convert(match["module"])
+        if mapped is None:
+            unsupported.append(match["module"])
+            continue
+        prefix, layer_path = mapped
+        prefixes.add(prefix)
+        entry = factors.setdefault(layer_path, (match["module"], {}))
+        entry[1][match["factor"]] = value
+    if unexpected:
+        raise ValueError(
+            f"{os.path.join(directory, WEIGHTS_FILE)!r} holds tensors that are not "
+            "LoRA factors of linear layers (embedding adapters, biases, DoRA "
+            "magnitudes, modules_to_save?), which keras_adapters cannot import: "
+            f"{sorted(unexpected)[:8]}."
+        )
+    if unsupported:
+        raise ValueError(
+            f"The PEFT adapter in {directory!r} adapts modules without a KerasHub "
+            f"{architecture.name} counterpart: {sorted(set(unsupported))[:8]}. "
+            f"Supported modules: {_target_names(architecture)}."
+        )
+    if not factors:
+        raise ValueError(f"The PEFT adapter in {directory!r} holds no LoRA tensors.")
+    if len(prefixes) > 1:
+        raise ValueError(
+            f"The PEFT adapter in {directory!r} mixes module prefixes "
+            f"{sorted(prefixes)}; expected one Hugging Face model's names."
+        )
+    incomplete = [m for m, f in factors.values() if set(f) != {"A", "B"}]
+    if incomplete:
+        raise ValueError(
+            f"The PEFT adapter in {directory!r} lacks lora_A or lora_B for "
+            f"{sorted(incomplete)}."
+        )
+    return prefixes.pop(), factors
+
+
+def _plan(root, architecture, factors, lora, config, directory):
+    """`{keras layer path: (A, B)}` after checking every shape against `root`.
+
+    `A` is PEFT's `(r, in)` and `B` its `(out, r)`.
+    """
+    layers = {
+        targeting.relative_path(root.name, layer.path): layer
+        for layer, _ in targeting.candidate_layers(root)
+    }
+    base_class = config.get("auto_mapping") or {}
+    base_class = (
+        base_class.get("base_model_class") if isinstance(base_class, dict) else None
+    )
+    problems = []
+    if isinstance(base_class, str) and not base_class.startswith(
+        architecture.hf_classes
+    ):
+        problems.append(
+            f"the adapter was trained on a {base_class}, the model is "
+            f"{architecture.name} ({type(root).__name__})"
+        )
+    plan = {}
+    for layer_path, (module, found) in sorted(factors.items()):
+        a, b = found["A"], found["B"]
+        layer = layers.get(layer_path)
+        if layer is None:
+            problems.append(f"{module}: the model has no layer '{layer_path}'")
+            continue
+        if adapter_layers.is_adapted(layer):
+            # enable_adapter reports this (before changing anything).
+            view = adapter_layers.KernelView(layer)
+        else:
+            try:
+                view = adapter_layers.check_supported(layer)
+            except adapter_layers.UnsupportedLayerError as error:
+                problems.append(f"{module}: {error}")
+                continue
+        expected_a, expected_b = (lora.rank, view.d_in), (view.d_out, lora.rank)
+        if a.shape != expected_a or b.shape != expected_b:
+            problems.append(
+                f"{module}: lora_A {a.shape} and lora_B {b.shape}, but r={lora.rank} "
+                f"and layer '{layer_path}' (kernel {view.kernel_shape}, 2-D view "
+                f"{view.d_in}x{view.d_out}) need {expected_a} and {expected_b}"
+            )
+            continue
+        if lora.rank > min(view.d_in, view.d_out):
+            problems.append(
+                f"{module}: r={lora.rank} exceeds min(d_in, d_out) = "
+                f"{min(view.d_in, view.d_out)} of layer '{layer_path}'"
+            )
+            continue
+        plan[layer_path] = (a, b)
+    if problems:
+        raise ValueError(
+            f"The PEFT adapter in {directory!r} does not fit model '{root.name}' "
+            f"({type(root).__name__}); was the model converted from the adapter's "
+            f"base model ({config.get('base_model_name_or_path')!r})?\n  "
+            + "\n  ".join(problems)
+        )
+    return plan
+
+
+# safetensors, with NumPy: an 8-byte little-endian header length, a JSON
+# header {name: {"dtype", "shape", "data_offsets"}}, then the raw data.
+
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def _read_safetensors(path):
+    """`{name: float32 array}` from a safetensors file of float tensors."""
+    with open(path, "rb") as f:
+        data = f.read()
+
+    def corrupt(reason):
+        return ValueError(f"{path!r} is not a valid safetensors file: {reason}.")
+
+    if len(data) < 8:
+        raise corrupt("it is shorter than its header")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise corrupt("its header length exceeds the file")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise corrupt(f"unreadable header ({error})") from None
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
+    buffer = memoryview(data)[8 + size :]
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape = info["dtype"], [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise corrupt(f"bad header entry for {key!r}: {info!r}") from None
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(
+                f"Tensor {key!r} in {path!r} has dtype {dtype}; LoRA factors must "
+                f"be floating point ({', '.join(_SAFETENSORS_DTYPES)})."
+            )
+        numpy_dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
+        if not 0 <= begin <= end <= len(buffer) or (
+            end - begin != math.prod(shape) * numpy_dtype.itemsize
+        ):
+            raise corrupt(f"the data offsets of {key!r} do not fit its shape")
+        array = np.frombuffer(buffer[begin:end], dtype=numpy_dtype)
+        if dtype == "BF16":
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        tensors[key] = array.astype(np.float32).reshape(shape)
+    return tensors
+
+
+def _safetensors_bytes(tensors):
+    """A safetensors file holding `tensors` as float32 (sorted by name)."""
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for key in sorted(tensors):
+        array = np.ascontiguousarray(tensors[key], dtype="<f4")
+        raw = array.tobytes()
+        header[key] = {
+            "dtype": "F32",
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        chunks.append(raw)
+        offset += len(raw)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks)
+
+
+def _numpy(variable):
+    return np.asarray(keras.ops.convert_to_numpy(variable), dtype=np.float32)
+
+
+# Writing a directory atomically.
+
+
+def _check_output_directory(path, overwrite):
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"`path` must be a str or os.PathLike; received {path!r}.")
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"`overwrite` must be a bool; received {overwrite!r}.")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"{path!r} exists and is not a directory.")
+        if os.listdir(path) and not overwrite:
+            raise ValueError(
+                f"{path!r} is a non-empty directory; pass overwrite=True to "
+                "replace it (its whole content)."
+            )
+    return path
+
+
+def _write_directory(path, files):
+    """Writes `{file name: bytes}` into a temporary directory beside `path`,
+    then renames it to `path` (replacing an existing directory)."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(
+        dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    )
+    try:
+        for file_name, data in files.items():
+            with open(os.path.join(tmp, file_name), "wb") as f:
+                f.write(data)
+        if os.path.exists(path):
+            old = tmp + ".old"
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
