@@ -534,8 +534,8 @@ def _lora_layers(model, name):
     rows = []
     for layer_path in group.layer_paths:
         layer = layers[layer_path]
-        variables = adapter_layers.adapter_variables(layer)
-        rows.append((layer_path, layer, variables["lora_a"], variables["lora_b"]))
+        slot = adapter_layers.slots(layer)[name]
+        rows.append((layer_path, layer, slot.lora_a, slot.lora_b))
     return group.adapter, rows
 
 

@@ -530,21 +530,30 @@ def test_missing_or_pickled_weights_raise(bert, tmp_path):
     assert ka.adapted_layers(bert) == []
 
 
-def test_loading_onto_adapted_layers_raises_and_changes_nothing(tmp_path):
+def test_loading_twice_needs_a_new_name_and_then_adds_a_second_adapter():
     backbone = _backbone("bert")
     interop.load_peft_adapter(backbone, os.path.join(DATA, "bert_lora"))
     before = _lora_values(backbone)
     with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         interop.load_peft_adapter(backbone, os.path.join(DATA, "bert_lora"))
-    with pytest.raises(ValueError, match="already has an adapter"):
-        interop.load_peft_adapter(
-            backbone, os.path.join(DATA, "bert_lora"), name="second"
-        )
+    assert ka.adapter_names(backbone) == ["default"]
+    interop.load_peft_adapter(backbone, os.path.join(DATA, "bert_lora"), name="second")
+    assert ka.adapter_names(backbone) == ["default", "second"]
     after = _lora_values(backbone)
     assert sorted(after) == sorted(before)
+    second = {
+        layer.path: [
+            keras.ops.convert_to_numpy(v)
+            for v in ka.adapter_variables(backbone, "second")
+            if v.path.startswith(layer.path + "/")
+        ]
+        for layer in ka.adapted_layers(backbone)
+    }
     for path, (a, b) in before.items():
         np.testing.assert_array_equal(after[path][0], a)
         np.testing.assert_array_equal(after[path][1], b)
+        np.testing.assert_array_equal(second[path][0], a)
+        np.testing.assert_array_equal(second[path][1], b)
 
 
 def test_export_errors(bert, tmp_path):

@@ -140,8 +140,8 @@ def test_disable_adapters_is_a_context_manager():
     np.testing.assert_allclose(_numpy(model(case.x)), base, atol=1e-5)
 
 
-@pytest.mark.parametrize("active", [["a"], ["b"]])
-def test_fit_trains_only_the_active_adapters(active):
+def test_fit_trains_only_the_active_adapters():
+    active = ["b"]
     case, model = _bert_with_two_adapters()
     ka.set_active_adapters(model, active)
     inactive = [n for n in ("a", "b") if n not in active]
