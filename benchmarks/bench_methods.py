@@ -24,31 +24,23 @@ other jobs on a shared machine disturb less) and writes JSON to `--output`
 """
 
 import argparse
-import datetime
-import json
 import os
-import pathlib
-import platform
 import statistics
 import time
 
 import keras
 import keras_hub
 import numpy as np
+from _common import BATCH
+from _common import BERT
+from _common import NUM_CLASSES
+from _common import SEQ
+from _common import build_classifier
+from _common import make_batch
+from _common import metadata
+from _common import write_json
 
 import keras_adapters as ka
-
-BATCH = 16
-SEQ = 128
-NUM_CLASSES = 5
-BERT = dict(
-    vocabulary_size=30522,
-    num_layers=6,
-    num_heads=12,
-    hidden_dim=384,
-    intermediate_dim=1536,
-    max_sequence_length=512,
-)
 
 
 def _adapter(adapter):
@@ -84,27 +76,8 @@ DESCRIPTIONS = {
 }
 
 
-def build_model(seed=0):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.BertBackbone(**BERT)
-    return keras_hub.models.BertTextClassifier(
-        backbone=backbone, num_classes=NUM_CLASSES, preprocessor=None
-    )
-
-
-def make_batch(seed=0):
-    rng = np.random.default_rng(seed)
-    x = {
-        "token_ids": rng.integers(1, BERT["vocabulary_size"], (BATCH, SEQ)),
-        "segment_ids": np.zeros((BATCH, SEQ), "int32"),
-        "padding_mask": np.ones((BATCH, SEQ), "int32"),
-    }
-    x["token_ids"] = x["token_ids"].astype("int32")
-    return x, rng.integers(0, NUM_CLASSES, (BATCH,)).astype("int32")
-
-
 def prepare(method):
-    model = build_model()
+    model = build_classifier()
     METHODS[method](model)
     model.compile(
         optimizer=keras.optimizers.AdamW(1e-4),
@@ -215,9 +188,6 @@ def main(argv=None):
     steps = args.steps
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 30)
     backend = keras.backend.backend()
-    output = args.output or str(
-        pathlib.Path(__file__).parent / "results" / f"methods-{backend}.json"
-    )
 
     print(
         f"backend={backend} keras={keras.__version__} "
@@ -229,21 +199,7 @@ def main(argv=None):
     print_table(rows)
     result = {
         "benchmark": "training step, MiniLM-sized BERT classifier",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
-        "backend": backend,
-        "versions": {
-            "keras": keras.__version__,
-            "keras_hub": keras_hub.__version__,
-            "keras_adapters": ka.__version__,
-            "python": platform.python_version(),
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-        },
+        **metadata(),
         "config": {
             "model": BERT,
             "num_classes": NUM_CLASSES,
@@ -258,10 +214,7 @@ def main(argv=None):
         },
         "results": rows,
     }
-    path = pathlib.Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_json(result, args.output, "methods" + ("-quick" if args.quick else ""))
 
 
 if __name__ == "__main__":

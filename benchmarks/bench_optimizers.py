@@ -26,30 +26,21 @@ It prints a table and writes JSON to `--output` (default
 """
 
 import argparse
-import datetime
-import json
 import os
-import pathlib
-import platform
 import statistics
 import time
 
 import keras
-import keras_hub
 import numpy as np
+from _common import BERT
+from _common import build_classifier
+from _common import make_batch
+from _common import metadata
+from _common import write_json
 
 import keras_adapters as ka
 
-NUM_CLASSES = 5
 LR = 1e-4
-BERT = dict(
-    vocabulary_size=30522,
-    num_layers=6,
-    num_heads=12,
-    hidden_dim=384,
-    intermediate_dim=1536,
-    max_sequence_length=512,
-)
 
 
 def _adamw(scale=1.0):
@@ -79,24 +70,9 @@ VARIANTS = {
 
 
 def build_model(seed=0):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.BertBackbone(**BERT)
-    model = keras_hub.models.BertTextClassifier(
-        backbone=backbone, num_classes=NUM_CLASSES, preprocessor=None
-    )
+    model = build_classifier(seed)
     ka.enable_adapter(model, ka.LoRA(rank=8, alpha=16))
     return model
-
-
-def make_batch(batch, seq, seed=0):
-    rng = np.random.default_rng(seed)
-    x = {
-        "token_ids": rng.integers(1, BERT["vocabulary_size"], (batch, seq)),
-        "segment_ids": np.zeros((batch, seq), "int32"),
-        "padding_mask": np.ones((batch, seq), "int32"),
-    }
-    x["token_ids"] = x["token_ids"].astype("int32")
-    return x, rng.integers(0, NUM_CLASSES, (batch,)).astype("int32")
 
 
 def state_bytes(optimizer):
@@ -199,9 +175,6 @@ def main(argv=None):
             parser.error(f"--{name} must be a positive int; got {value}")
     batch, seq = (8, 32) if args.quick else (16, 128)
     backend = keras.backend.backend()
-    output = args.output or str(
-        pathlib.Path(__file__).parent / "results" / f"optimizers-{backend}.json"
-    )
     print(
         f"backend={backend} keras={keras.__version__} cpus={os.cpu_count()} "
         f"batch={batch} seq={seq} warmup={warmup} steps={steps} rounds={rounds}",
@@ -211,21 +184,7 @@ def main(argv=None):
     print_table(rows)
     result = {
         "benchmark": "optimizer wrapper, MiniLM-sized BERT with LoRA r=8 on q,v",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
-        "backend": backend,
-        "versions": {
-            "keras": keras.__version__,
-            "keras_hub": keras_hub.__version__,
-            "keras_adapters": ka.__version__,
-            "python": platform.python_version(),
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-        },
+        **metadata(),
         "config": {
             "model": BERT,
             "batch": batch,
@@ -238,10 +197,7 @@ def main(argv=None):
         },
         "results": rows,
     }
-    path = pathlib.Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_json(result, args.output, "optimizers" + ("-quick" if args.quick else ""))
 
 
 if __name__ == "__main__":
