@@ -26,6 +26,7 @@ import pytest
 
 import keras_adapters as ka
 from keras_adapters import _keras_internals as internals
+from keras_adapters.layers import AdapterSlot
 from keras_adapters.layers import KernelView
 
 BACKEND = keras.backend.backend()
@@ -133,7 +134,7 @@ def test_every_adapter_declares_its_variable_axes():
         adapter = make()
         layer = _dense(6, 8)
         with internals.unlocked_tracker(layer):
-            adapter.build(layer, KernelView(layer))
+            adapter.build(AdapterSlot(layer, "default", adapter), KernelView(layer))
         created = {v.name: v for v in layer.weights if v.name not in ("kernel",)}
         assert set(created) == set(adapter.variable_axes), adapter
         for name, axes in adapter.variable_axes.items():

@@ -30,8 +30,12 @@ def _fit(model, case, epochs=3, x=None):
     return history.history["loss"]
 
 
-@pytest.mark.parametrize("adapter_id", sorted(ADAPTERS))
-@pytest.mark.parametrize("policy_name", ["mixed_bfloat16", "mixed_float16"])
+# Every adapter under one mixed policy at least, LoRA and qGOFT under both.
+@pytest.mark.parametrize(
+    "policy_name, adapter_id",
+    [("mixed_bfloat16", a) for a in ("lora", "hut", "qgoft")]
+    + [("mixed_float16", a) for a in ("lora", "goft", "goft_scaled", "qgoft")],
+)
 def test_mixed_precision_training_keeps_adapters_float32(
     policy, adapter_id, policy_name
 ):
