@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from keras_adapters import _keras_internals as internals
+from keras_adapters import quantization
 
 SUPPORTED_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense)
 
@@ -39,7 +40,8 @@ class KernelView:
     """
 
     def __init__(self, layer):
-        kernel_shape = tuple(int(d) for d in layer._kernel.shape)
+        # The logical shape: int4 kernels are stored packed.
+        kernel_shape = quantization.logical_kernel_shape(layer)
         self.kernel_shape = kernel_shape
         if isinstance(layer, keras.layers.EinsumDense):
             self.equation = layer.equation.replace(" ", "")
@@ -178,11 +180,9 @@ def check_supported(layer):
             f"Layer '{layer.path}' has Keras' built-in LoRA enabled; "
             "keras_adapters does not stack on it."
         )
-    if layer.quantization_mode is not None:
-        raise UnsupportedLayerError(
-            f"Layer '{layer.path}' is quantized "
-            f"({layer.quantization_mode!r}); adapters need a float kernel."
-        )
+    reason = quantization.unsupported_reason(layer)
+    if reason is not None:
+        raise UnsupportedLayerError(reason)
     if getattr(layer, "kernel_constraint", None) is not None:
         raise UnsupportedLayerError(
             f"Layer '{layer.path}' has a kernel constraint, which an adapted "
@@ -245,9 +245,18 @@ class _AdaptedLayer:
     @property
     def kernel(self):
         """The effective (adapted) kernel, as Keras' own LoRA exposes it."""
+        view = self._keras_adapters_view
         return self._keras_adapters_adapter.adapted_kernel(
-            self, self._keras_adapters_view, self._kernel
+            self, view, quantization.float_kernel(self, view)
         )
+
+    def quantized_call(self, *args, **kwargs):
+        # Keras routes quantized layers here instead of `call`; the adapter
+        # handles the quantized kernel itself (see keras_adapters.quantization).
+        return self.call(*args, **kwargs)
+
+    def _check_quantize_args(self, mode, compute_dtype):
+        raise quantization.refuse_layer_quantize(self)
 
     def call(self, inputs, training=None):
         outputs = self._keras_adapters_adapter.call(

@@ -9,6 +9,7 @@ import keras
 from keras_adapters import _keras_internals as internals
 from keras_adapters import distribution as adapter_distribution
 from keras_adapters import layers as adapter_layers
+from keras_adapters import quantization
 from keras_adapters import targeting
 from keras_adapters.adapters.base import Adapter
 
@@ -261,6 +262,7 @@ def enable_adapter(
     if not isinstance(model, _AdaptedModel):
         internals.switch_class(model, _AdaptedModel, serialize_as_base=False)
     internals.set_untracked_attribute(model, "_keras_adapters_state", state)
+    quantization.guard_quantize(model, root)
     _freeze_all_but_adapters(model)
     _forget_compiled_functions(model, warn=True)
     return AdapterReport(
@@ -308,6 +310,7 @@ def _freeze_all_but_adapters(model):
     # A frozen ancestor would hide the adapters from `trainable_weights`, so
     # every layer is marked trainable and freezing happens per variable.
     model.trainable = True
+    keep -= quantization.quantized_storage(model)  # int kernels stay frozen
     for variable in model.weights:
         variable.trainable = id(variable) in keep
 
@@ -324,7 +327,7 @@ def _forget_compiled_functions(model, warn=False):
         )
 
 
-def merge_adapters(model, names=None) -> list:
+def merge_adapters(model, names=None, *, quantized=None):
     """Folds adapters into their base kernels, leaving plain Keras layers.
 
     Each adapted layer's kernel becomes the adapted kernel (computed in
@@ -333,12 +336,22 @@ def merge_adapters(model, names=None) -> list:
     outputs do not change. Once the last adapter is merged, the trainable
     flags the model had before `enable_adapter` are restored.
 
+    Merging into an int8/int4 (quantized) kernel is explicit: it raises a
+    `ValueError` unless `quantized` says how (see
+    `keras_adapters.quantization` and docs/quantized_bases.md).
+
     Args:
         model: a model with adapters.
         names: adapter names to merge; all of them by default.
+        quantized: for adapters on quantized layers: `"float"` (the layer
+            becomes a float layer with the exact merged kernel) or
+            `"requantize"` (the merged kernel is re-quantized to the layer's
+            mode by Keras). Required if a merged layer is quantized.
 
     Returns:
-        The paths of the merged layers.
+        The paths of the merged layers; with `quantized`, a
+        `ka.quantization.QuantizedMergeReport` (its `paths`, and the kernel
+        error of each quantized layer).
 
     Example:
 
@@ -361,17 +374,23 @@ def merge_adapters(model, names=None) -> list:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"Unknown adapter names {unknown}; the model has {known}.")
-    merged = []
-    for layer in adapted_layers(model):
-        if layer._keras_adapters_name in names:
+    layers = [x for x in adapted_layers(model) if x._keras_adapters_name in names]
+    quantization.check_merge_choice(layers, quantized)
+    merged, quantized_merges = [], []
+    for layer in layers:
+        if quantization.quantization_mode(layer) is not None:
+            quantized_merges.append(quantization.merge_layer(layer, quantized))
+        else:
             adapter_layers.detach(layer, merge=True)
-            merged.append(layer.path)
+        merged.append(layer.path)
     state.groups = [g for g in state.groups if g.name not in names]
     if state.groups:
         _freeze_all_but_adapters(model)
     else:
         _restore(model, state)
     _forget_compiled_functions(model)
+    if quantized is not None:
+        return quantization.QuantizedMergeReport(quantized, merged, quantized_merges)
     return merged
 
 

@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_adapters import _keras_internals as internals
+from keras_adapters import quantization
 from keras_adapters.adapters.base import FACTOR_INITIALIZERS
 from keras_adapters.adapters.base import Adapter
 from keras_adapters.adapters.base import check_initializer
@@ -152,7 +153,10 @@ class LoRA(Adapter):
         return matrix + self.delta_matrix(layer)
 
     def call(self, layer, view, inputs, training=None):
-        outputs = view.project(inputs, layer._kernel)
+        # On an int8/int4 base: Keras' input quantization (if any), then the
+        # frozen kernel dequantized on the fly (keras_adapters.quantization).
+        inputs = quantization.quantize_inputs(layer, inputs)
+        outputs = quantization.base_projection(layer, view, inputs)
         x = ops.cast(inputs, "float32")
         if training and self.dropout > 0:
             x = keras.random.dropout(x, self.dropout, seed=layer._keras_adapters_seed)
