@@ -174,11 +174,13 @@ def replace_quantized_kernel(layer, kernel, source_policy):
     bias = getattr(layer, "bias", None)
     bias_value = None if bias is None else bias.numpy()
     with unlocked_tracker(layer):
-        for name in ("_kernel", "kernel_scale", "kernel_zero", "g_idx"):
+        names = ["_kernel", "kernel_scale", "kernel_zero", "g_idx"]
+        for name in names + ([] if bias is None else ["bias"]):
             if hasattr(layer, name):
-                delattr(layer, name)
-        if bias is not None:
-            delattr(layer, "bias")
+                # What `del layer.<name>` does, without the full
+                # `gc.collect()` Keras' `Layer.__delattr__` runs each time.
+                untrack_variable(layer, getattr(layer, name))
+                object.__delattr__(layer, name)
         for name in ("inputs_quantizer", "_int4_block_size"):
             if hasattr(layer, name):
                 object.__delattr__(layer, name)
@@ -202,3 +204,28 @@ def replace_quantized_kernel(layer, kernel, source_policy):
                 constraint=layer.bias_constraint,
             )
             layer.bias.assign(bias_value)
+
+
+def quantize_layer(layer, mode, config):
+    """`layer.quantize(mode, config=config)`, also for a layer in a policy map.
+
+    A model rebuilt from a config keeps its layers' policies in one shared
+    `DTypePolicyMap`, and Keras' `quantize` then names the new policy after
+    the map ("int8_from_map_float32") and fails. The layer is quantized with
+    its own policy, and the map entry is updated after.
+    """
+    from keras.src.dtype_policies.dtype_policy_map import DTypePolicyMap
+
+    policy_map = layer._dtype_policy
+    if not isinstance(policy_map, DTypePolicyMap):
+        layer.quantize(mode, config=config)
+        return
+    layer._dtype_policy = policy_map[layer.path]
+    try:
+        layer.quantize(mode, config=config)
+    finally:
+        quantized = layer._dtype_policy
+        layer._dtype_policy = policy_map
+        if layer.path in policy_map:
+            del policy_map[layer.path]
+        policy_map[layer.path] = quantized

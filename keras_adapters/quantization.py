@@ -460,10 +460,9 @@ def merge_layer(layer, quantized):
     activations = activation_quantizer(layer) is not None
     config = _requantize_config(layer)
     adapter_layers.detach(layer, merge=False)
-    source = layer.dtype_policy.get_config()["source_name"]
-    internals.replace_quantized_kernel(layer, merged, source)
+    internals.replace_quantized_kernel(layer, merged, _float_policy(layer))
     if quantized == "requantize":
-        layer.quantize(base_mode, config=config)
+        internals.quantize_layer(layer, base_mode, config)
         written = float_kernel(layer)
     else:
         written = layer._kernel
@@ -480,16 +479,43 @@ def merge_layer(layer, quantized):
     )
 
 
+def _layer_policy(layer):
+    """The layer's own dtype policy, also inside a `DTypePolicyMap`.
+
+    Models loaded from a config (`.keras` files) keep the policies of their
+    quantized layers in one map keyed by layer path.
+    """
+    policy = layer.dtype_policy
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        policy = policy[layer.path]
+    return policy
+
+
+def _float_policy(layer):
+    """The float policy a quantized layer was quantized from."""
+    policy = _layer_policy(layer)
+    compute, variable = policy.compute_dtype, policy.variable_dtype
+    return variable if compute == variable else f"mixed_{compute}"
+
+
 def _requantize_config(layer):
+    """The config that quantizes `layer` again as it is quantized now.
+
+    The config `quantize` was given if the layer still has it; a layer
+    rebuilt from a config (a `.keras` file) has only its policy, so the
+    block size comes from there and the activation quantizer from the layer.
+    """
     config = getattr(layer, "quantization_config", None)
     if config is not None:
         return config
+    inputs = getattr(layer, "inputs_quantizer", None)
     if quantization_mode(layer) == "int4":
-        block = getattr(layer.dtype_policy, "block_size", None)
+        block = getattr(_layer_policy(layer), "block_size", None)
         return keras.quantizers.Int4QuantizationConfig(
-            block_size=-1 if block is None else block
+            block_size=-1 if block is None else block,
+            activation_quantizer=inputs,
         )
-    return None
+    return keras.quantizers.Int8QuantizationConfig(activation_quantizer=inputs)
 
 
 def merge_and_measure(model, quantized, sample_inputs, names=None, batch_size=None):

