@@ -414,6 +414,22 @@ def test_int4_base(config_id, tmp_path):
     assert not any(row.activations_quantized for row in report.layers)
 
 
+def test_mixed_bfloat16_trains_and_keeps_adapters_float32():
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = quantized_bert()
+        base = predict(model).astype("float32")
+        init, _, _, losses = _train(model, METHODS["lora"](), epochs=15)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    # bfloat16 outputs: an 8-bit mantissa.
+    assert max_relative_difference(init.astype("float32"), base) <= 1e-2
+    assert losses[-1] < losses[0] - 0.01, losses
+    assert {v.dtype for v in ka.adapter_variables(model)} == {"float32"}
+    assert query_layer(model).compute_dtype == "bfloat16"
+
+
 # -------------------------------------------------------------------- errors
 
 
