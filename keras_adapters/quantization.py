@@ -282,11 +282,12 @@ def quantized_storage(model):
     Everything a quantized layer holds but its bias and its adapter
     variables: the integer kernel, its scale, zero point and group indices.
     """
+    from keras_adapters import _keras_internals as internals
     from keras_adapters import model as adapter_model
 
     adapters = {id(v) for v in adapter_model.adapter_variables(model)}
     frozen = set()
-    for layer in model._flatten_layers():
+    for layer, _ in internals.layers_with_parents(model):
         if quantization_mode(layer) is not None:
             bias = getattr(layer, "bias", None)
             frozen |= {id(v) for v in layer.weights if v is not bias}
