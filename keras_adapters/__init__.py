@@ -12,6 +12,7 @@ from keras_adapters import calibration
 from keras_adapters import distribution
 from keras_adapters import interop
 from keras_adapters import optimizers
+from keras_adapters import quantization
 from keras_adapters import workflows
 from keras_adapters.adapters import GOFT
 from keras_adapters.adapters import HUT
@@ -72,6 +73,7 @@ __all__ = [
     "load_adapter_weights",
     "merge_adapters",
     "optimizers",
+    "quantization",
     "read_adapter_spec",
     "register_adapter",
     "role",

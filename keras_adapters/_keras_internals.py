@@ -172,3 +172,73 @@ def variable_layout(variable):
     `get_variable_layout`) in `_layout`.
     """
     return getattr(variable, "_layout", None)
+
+
+def replace_quantized_kernel(layer, kernel, source_policy):
+    """Turns an int8/int4 `Dense`/`EinsumDense` back into a float layer.
+
+    Deletes the integer kernel and its scale (and zero point and group
+    indices), sets the float dtype policy the layer was quantized from
+    (`source_policy`), and creates a float kernel holding `kernel`. The bias
+    is re-created after it, so the variables come in a freshly built float
+    layer's order (kernel, bias). Keras' own `quantize` removes variables
+    the same way (`del layer._kernel` with the tracker unlocked).
+    """
+    bias = getattr(layer, "bias", None)
+    bias_value = None if bias is None else bias.numpy()
+    with unlocked_tracker(layer):
+        names = ["_kernel", "kernel_scale", "kernel_zero", "g_idx"]
+        for name in names + ([] if bias is None else ["bias"]):
+            if hasattr(layer, name):
+                # What `del layer.<name>` does, without the full
+                # `gc.collect()` Keras' `Layer.__delattr__` runs each time.
+                untrack_variable(layer, getattr(layer, name))
+                object.__delattr__(layer, name)
+        for name in ("inputs_quantizer", "_int4_block_size"):
+            if hasattr(layer, name):
+                object.__delattr__(layer, name)
+        layer.quantization_config = None
+        layer._is_quantized = False
+        layer.dtype_policy = source_policy
+        layer._kernel = layer.add_weight(
+            name="kernel",
+            shape=tuple(kernel.shape),
+            initializer="zeros",
+            regularizer=layer.kernel_regularizer,
+            constraint=layer.kernel_constraint,
+        )
+        layer._kernel.assign(kernel)
+        if bias_value is not None:
+            layer.bias = layer.add_weight(
+                name="bias",
+                shape=tuple(bias_value.shape),
+                initializer="zeros",
+                regularizer=layer.bias_regularizer,
+                constraint=layer.bias_constraint,
+            )
+            layer.bias.assign(bias_value)
+
+
+def quantize_layer(layer, mode, config):
+    """`layer.quantize(mode, config=config)`, also for a layer in a policy map.
+
+    A model rebuilt from a config keeps its layers' policies in one shared
+    `DTypePolicyMap`, and Keras' `quantize` then names the new policy after
+    the map ("int8_from_map_float32") and fails. The layer is quantized with
+    its own policy, and the map entry is updated after.
+    """
+    from keras.src.dtype_policies.dtype_policy_map import DTypePolicyMap
+
+    policy_map = layer._dtype_policy
+    if not isinstance(policy_map, DTypePolicyMap):
+        layer.quantize(mode, config=config)
+        return
+    layer._dtype_policy = policy_map[layer.path]
+    try:
+        layer.quantize(mode, config=config)
+    finally:
+        quantized = layer._dtype_policy
+        layer._dtype_policy = policy_map
+        if layer.path in policy_map:
+            del policy_map[layer.path]
+        policy_map[layer.path] = quantized

@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 from keras_adapters import _keras_internals as internals
+from keras_adapters import quantization
 
 SUPPORTED_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense)
 
@@ -40,7 +41,8 @@ class KernelView:
     """
 
     def __init__(self, layer):
-        kernel_shape = tuple(int(d) for d in layer._kernel.shape)
+        # The logical shape: int4 kernels are stored packed.
+        kernel_shape = quantization.logical_kernel_shape(layer)
         self.kernel_shape = kernel_shape
         if isinstance(layer, keras.layers.EinsumDense):
             self.equation = layer.equation.replace(" ", "")
@@ -180,11 +182,9 @@ def check_supported(layer):
             f"Layer '{layer.path}' has Keras' built-in LoRA enabled; "
             "keras_adapters does not stack on it."
         )
-    if layer.quantization_mode is not None:
-        raise UnsupportedLayerError(
-            f"Layer '{layer.path}' is quantized "
-            f"({layer.quantization_mode!r}); adapters need a float kernel."
-        )
+    reason = quantization.unsupported_reason(layer)
+    if reason is not None:
+        raise UnsupportedLayerError(reason)
     if getattr(layer, "kernel_constraint", None) is not None:
         raise UnsupportedLayerError(
             f"Layer '{layer.path}' has a kernel constraint, which an adapted "
@@ -289,12 +289,16 @@ def adapter_variables(layer, names=None):
 
 
 def composed_kernel(layer, active_slots):
-    """The kernel with `active_slots` applied in order, in float32."""
+    """The kernel with `active_slots` applied in order, in float32.
+
+    On an int8/int4 layer, it starts from the dequantized kernel.
+    """
     view = layer._keras_adapters_view
+    base = quantization.float_kernel(layer, view)
     if len(active_slots) == 1:
         slot = active_slots[0]
-        return slot.adapter.adapted_kernel(slot, view, layer._kernel)
-    matrix = view.to_matrix(ops.cast(layer._kernel, "float32"))
+        return slot.adapter.adapted_kernel(slot, view, base)
+    matrix = view.to_matrix(ops.cast(base, "float32"))
     for slot in active_slots:
         matrix = slot.adapter.adapted_matrix(slot, matrix)
     return view.from_matrix(matrix)
@@ -333,8 +337,16 @@ class _AdaptedLayer:
         """The effective (adapted) kernel, as Keras' own LoRA exposes it."""
         active = self._active_slots()
         if not active:
-            return self._kernel
+            return quantization.float_kernel(self, self._keras_adapters_view)
         return composed_kernel(self, active)
+
+    def quantized_call(self, *args, **kwargs):
+        # Keras routes quantized layers here instead of `call`; the adapter
+        # handles the quantized kernel itself (see keras_adapters.quantization).
+        return self.call(*args, **kwargs)
+
+    def _check_quantize_args(self, mode, compute_dtype):
+        raise quantization.refuse_layer_quantize(self)
 
     def call(self, inputs, training=None):
         active = self._active_slots()
@@ -344,12 +356,15 @@ class _AdaptedLayer:
             outputs = slot.adapter.call(slot, view, inputs, training=training)
         elif all(slot.adapter.additive for slot in active):
             # No adapter, or only additive ones (LoRA): each adds its own
-            # term to the base projection, without building a kernel.
-            outputs = view.project(inputs, self._kernel)
+            # term to the base projection, without building a kernel. On an
+            # int8/int4 base, the inputs are those Keras' quantized layer uses.
+            inputs = quantization.quantize_inputs(self, inputs)
+            outputs = quantization.base_projection(self, view, inputs)
             for slot in active:
                 delta = slot.adapter.delta(slot, view, inputs, training=training)
                 outputs = ops.add(outputs, ops.cast(delta, outputs.dtype))
         else:
+            inputs = quantization.quantize_inputs(self, inputs)
             kernel = composed_kernel(self, active)
             outputs = view.project(inputs, ops.cast(kernel, self.compute_dtype))
         if self.bias is not None:

@@ -9,6 +9,7 @@ import keras
 from keras_adapters import _keras_internals as internals
 from keras_adapters import distribution as adapter_distribution
 from keras_adapters import layers as adapter_layers
+from keras_adapters import quantization
 from keras_adapters import targeting
 from keras_adapters.adapters.base import Adapter
 
@@ -278,6 +279,7 @@ def _enable(model, adapter, targets, keep_trainable, name, validate=True):
     if not isinstance(model, _AdaptedModel):
         internals.switch_class(model, _AdaptedModel, serialize_as_base=False)
     internals.set_untracked_attribute(model, "_keras_adapters_state", state)
+    quantization.guard_quantize(model, root)
     _freeze_all_but_adapters(model)
     _forget_compiled_functions(model, warn=True)
     return AdapterReport(
@@ -325,6 +327,7 @@ def _freeze_all_but_adapters(model):
     # A frozen ancestor would hide the adapters from `trainable_weights`, so
     # every layer is marked trainable and freezing happens per variable.
     model.trainable = True
+    keep -= quantization.quantized_storage(model)  # int kernels stay frozen
     for variable in model.weights:
         variable.trainable = id(variable) in keep
 
@@ -384,7 +387,7 @@ def _check_names(model, names, argument):
     return list(dict.fromkeys(names))
 
 
-def merge_adapters(model, names=None) -> list:
+def merge_adapters(model, names=None, *, quantized=None):
     """Folds adapters into their base kernels, leaving plain Keras layers.
 
     Each adapter's update is computed in float32 and folded into the kernel
@@ -398,15 +401,26 @@ def merge_adapters(model, names=None) -> list:
     them must keep that order exact: the adapters merged on a layer must
     come before the ones kept there, unless all of them are additive.
 
+    Merging into an int8/int4 (quantized) kernel is explicit: it raises a
+    `ValueError` unless `quantized` says how (see
+    `keras_adapters.quantization` and docs/quantized_bases.md), and every
+    adapter on such a layer must be merged together.
+
     Args:
         model: a model with adapters.
         names: adapter names to merge (a name or a list). By default, the
             active adapters (see `set_active_adapters`): the model keeps
             computing what it computes now, and inactive adapters stay as
             they are. Naming an inactive adapter folds it in too.
+        quantized: for adapters on quantized layers: `"float"` (the layer
+            becomes a float layer with the exact merged kernel) or
+            `"requantize"` (the merged kernel is re-quantized to the layer's
+            mode by Keras). Required if a merged layer is quantized.
 
     Returns:
-        The paths of the layers whose kernels changed.
+        The paths of the layers whose kernels changed; with `quantized`, a
+        `ka.quantization.QuantizedMergeReport` (its `paths`, and the kernel
+        error of each quantized layer).
 
     Raises:
         ValueError: if the model has no adapters (or no active ones, with
@@ -452,13 +466,19 @@ def merge_adapters(model, names=None) -> list:
                 "change the layer, since they are not all additive. Merge the "
                 "earlier adapters too, or delete_adapter() the ones before."
             )
-    merged = []
+    quantization.check_merge_choice(layers, quantized, names)
+    merged, quantized_merges = [], []
     for layer in layers:
-        for name in list(adapter_layers.slots(layer)):
-            if name in names:
-                adapter_layers.detach(layer, name, merge=True)
+        if quantization.quantization_mode(layer) is not None:
+            quantized_merges.append(quantization.merge_layer(layer, quantized, names))
+        else:
+            for name in list(adapter_layers.slots(layer)):
+                if name in names:
+                    adapter_layers.detach(layer, name, merge=True)
         merged.append(layer.path)
     _remove_groups(model, names)
+    if quantized is not None:
+        return quantization.QuantizedMergeReport(quantized, merged, quantized_merges)
     return merged
 
 

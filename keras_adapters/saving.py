@@ -23,6 +23,7 @@ import numpy as np
 
 from keras_adapters import layers as adapter_layers
 from keras_adapters import model as adapter_model
+from keras_adapters import quantization
 from keras_adapters import targeting
 
 FORMAT_VERSION = 1
@@ -188,10 +189,10 @@ def load_adapter_weights(model, path) -> None:
         layer = layers_by_path.get(layer_path)
         if layer is None:
             problems.append(f"no Dense/EinsumDense layer at '{layer_path}'")
-        elif list(layer._kernel.shape) != shape:
+        elif list(quantization.logical_kernel_shape(layer)) != shape:
             problems.append(
-                f"'{layer_path}' has kernel shape {tuple(layer._kernel.shape)}, the "
-                f"file {tuple(shape)}"
+                f"'{layer_path}' has kernel shape "
+                f"{quantization.logical_kernel_shape(layer)}, the file {tuple(shape)}"
             )
     variables_by_path = {
         targeting.relative_path(model.name, v.path): v for v in model.weights

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_adapters import distribution
+from keras_adapters import quantization
 
 ADAPTER_METHODS = {}
 
@@ -190,9 +191,13 @@ class Adapter:
     def call(self, layer, view, inputs, training=None):
         """The layer's output before bias and activation.
 
-        The default materializes the adapted kernel.
+        The default materializes the adapted kernel. On an int8/int4 layer
+        it starts from the dequantized kernel and feeds the inputs the layer
+        would use (see `keras_adapters.quantization`).
         """
-        kernel = self.adapted_kernel(layer, view, layer._kernel)
+        inputs = quantization.quantize_inputs(layer, inputs)
+        base = quantization.float_kernel(layer, view)
+        kernel = self.adapted_kernel(layer, view, base)
         return view.project(inputs, ops.cast(kernel, layer.compute_dtype))
 
     def delta(self, layer, view, inputs, training=None):

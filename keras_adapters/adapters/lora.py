@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from keras_adapters import quantization
 from keras_adapters.adapters.base import FACTOR_INITIALIZERS
 from keras_adapters.adapters.base import Adapter
 from keras_adapters.adapters.base import check_initializer
@@ -156,6 +157,9 @@ class LoRA(Adapter):
         return view.expand_outputs(hidden, layer.lora_b)
 
     def call(self, layer, view, inputs, training=None):
-        outputs = view.project(inputs, layer._kernel)
+        # On an int8/int4 base: Keras' input quantization (if any), then the
+        # frozen kernel dequantized on the fly (keras_adapters.quantization).
+        inputs = quantization.quantize_inputs(layer, inputs)
+        outputs = quantization.base_projection(layer, view, inputs)
         delta = self.delta(layer, view, inputs, training=training)
         return ops.add(outputs, ops.cast(delta, outputs.dtype))

@@ -28,6 +28,7 @@ order, each block transposed), exactly and without a `d x d` matrix.
 import keras
 from keras import ops
 
+from keras_adapters import quantization
 from keras_adapters.adapters.base import Adapter
 from keras_adapters.adapters.base import check_number
 from keras_adapters.adapters.base import register_adapter
@@ -232,7 +233,11 @@ class _GivensAdapter(Adapter):
                 y = y * scale
             return ops.cast(y, layer.compute_dtype)
 
-        return view.project(view.map_inputs(inputs, transform), layer._kernel)
+        # On an int8/int4 base: rotate the inputs Keras' quantized layer would
+        # use, then project with the dequantized frozen kernel.
+        inputs = quantization.quantize_inputs(layer, inputs)
+        rotated = view.map_inputs(inputs, transform)
+        return quantization.base_projection(layer, view, rotated)
 
 
 @register_adapter
