@@ -270,11 +270,12 @@ def test_adapter_variables_get_the_rule_layout_on_jax(extend):
         ka.enable_adapter(model, ka.QGOFT(scale=True), targets=["out"], name="q")
     specs = {v.path: _spec(v) for v in ka.adapter_variables(model)}
     # proj: kernel (c=8, d=2, e=4), input axis c, output axes (d, e).
+    # Named adapters' variables carry the adapter's name.
     assert specs == {
-        "proj/lora_a": (None, None),
-        "proj/lora_b": (None, "model"),
-        "out/qgoft_blocks": (None, None, None),
-        "out/qgoft_scale": ("model",),
+        "proj/lora_a.lora": (None, None),
+        "proj/lora_b.lora": (None, "model"),
+        "out/qgoft_blocks.q": (None, None, None),
+        "out/qgoft_scale.q": ("model",),
     }
     # Optimizer slots follow their variables.
     model.compile(optimizer="adam", loss="mse")
@@ -393,7 +394,8 @@ GEMMA_VIEW_AXES = {
 
 def _expected_gemma_layout(path):
     block, *rest = path.split("/")
-    layer, name = "/".join(rest[:-1]), rest[-1]
+    # A named adapter's variable is `<name>.<adapter name>`.
+    layer, name = "/".join(rest[:-1]), rest[-1].split(".")[0]
     in_axis, out_axis = GEMMA_VIEW_AXES[layer]
     return {
         "lora_a": [in_axis, None],
