@@ -46,12 +46,10 @@ It prints a table with ratios to the float base and writes JSON to
 
 import argparse
 import ctypes
-import datetime
 import json
 import math
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
@@ -62,12 +60,13 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from bench_methods import BATCH  # noqa: E402
-from bench_methods import BERT  # noqa: E402
-from bench_methods import NUM_CLASSES  # noqa: E402
-from bench_methods import SEQ  # noqa: E402
-from bench_methods import build_model  # noqa: E402
-from bench_methods import make_batch  # noqa: E402
+from _common import BATCH  # noqa: E402
+from _common import BERT  # noqa: E402
+from _common import NUM_CLASSES  # noqa: E402
+from _common import SEQ  # noqa: E402
+from _common import build_classifier  # noqa: E402
+from _common import make_batch  # noqa: E402
+from _common import metadata  # noqa: E402
 
 VARIANTS = {
     "float": "float32 base",
@@ -103,7 +102,7 @@ def worker(variant, warmup, steps):
     import keras_adapters as ka
 
     start = time.perf_counter()
-    model = build_model()
+    model = build_classifier()
     if variant == "int8":
         model.backbone.quantize("int8")
     elif variant == "int8_weight_only":
@@ -252,15 +251,15 @@ def main(argv=None):
     import keras
     import keras_hub
 
-    import keras_adapters as ka
-
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     backend = keras.backend.backend()
     output = args.output or str(
-        pathlib.Path(__file__).parent / "results" / f"quantized-{backend}.json"
+        pathlib.Path(__file__).parent
+        / "results"
+        / f"quantized{'-quick' if args.quick else ''}-{backend}.json"
     )
     print(
         f"backend={backend} keras={keras.__version__} "
@@ -274,21 +273,7 @@ def main(argv=None):
     result = {
         "benchmark": "LoRA r=8 (query, value) training step on a quantized "
         "vs float MiniLM-sized BERT classifier",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
-        "backend": backend,
-        "versions": {
-            "keras": keras.__version__,
-            "keras_hub": keras_hub.__version__,
-            "keras_adapters": ka.__version__,
-            "python": platform.python_version(),
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-        },
+        **metadata(),
         "config": {
             "model": BERT,
             "num_classes": NUM_CLASSES,
