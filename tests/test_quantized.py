@@ -18,6 +18,8 @@ import pytest
 from cases import BATCH
 from cases import MODELS
 from cases import max_relative_difference
+from test_qgoft_reference import reference_blocks
+from test_qgoft_reference import reference_rotation
 
 import keras_adapters as ka
 from keras_adapters import layers as adapter_layers
@@ -125,32 +127,6 @@ def reference_quantize_inputs(x):
     return np.clip(np.round(x * scale), -127, 127) / scale
 
 
-def reference_pairs(d):
-    stages, stride = [], 1
-    while stride < d:
-        stages.append([(i, i + stride) for i in range(0, d, 2 * stride)])
-        stages[-1] = [(i, j) for i, j in stages[-1] if j < d]
-        stride *= 2
-    return stages
-
-
-def reference_rotation(layer, method, d):
-    if method == "goft":
-        t = _numpy(layer.goft_cayley).astype("float64")
-        cos, sin = (1 - t * t) / (1 + t * t), 2 * t / (1 + t * t)
-        blocks = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
-    else:
-        blocks = _numpy(layer.qgoft_blocks).astype("float64")
-    rotation, index = np.eye(d), 0
-    for stage in reference_pairs(d):
-        factor = np.eye(d)
-        for i, j in stage:
-            factor[np.ix_([i, j], [i, j])] = blocks[index]
-            index += 1
-        rotation = rotation @ factor
-    return rotation
-
-
 def reference_adapted_matrix(layer, method, matrix):
     """`W'` on the `(d_in, d_out)` view, from the adapter's variables."""
     adapter = adapter_layers.slots(layer)["default"].adapter
@@ -160,7 +136,8 @@ def reference_adapted_matrix(layer, method, matrix):
     if method == "hut":
         a, b = _numpy(layer.hut_a), _numpy(layer.hut_b)
         return matrix * (1 + adapter.scale * (a.astype("float64") @ b))
-    return reference_rotation(layer, method, matrix.shape[0]) @ matrix
+    blocks = reference_blocks(adapter, layer)
+    return reference_rotation(blocks, matrix.shape[0]) @ matrix
 
 
 def reference_requantized(matrix):
