@@ -272,7 +272,7 @@ def with_temperature(model, temperature, name=None):
     probabilities = keras.ops.softmax(calibrated.predict(test_x))
     ```
     """
-    heads._check_model(model)
+    heads.check_model(model)
     layer = TemperatureScaling(temperature, name="temperature_scaling")
     name = name or f"{model.name}_calibrated"
     try:

@@ -129,7 +129,7 @@ def attention_full(
     )
     ```
     """
-    adapter_model._check_model(model)
+    adapter_model.check_model(model)
     roles = _check_roles(roles)
     if not isinstance(train_bias, bool):
         raise ValueError(f"`train_bias` must be a bool; received {train_bias!r}.")
@@ -139,7 +139,7 @@ def attention_full(
             "fine-tuning. Call ka.merge_adapters(model) first, or train the "
             "adapters instead."
         )
-    root = adapter_model._adapted_root(model)
+    root = adapter_model.adapted_root(model)
     hits = targeting.resolve_targets(root, targeting.attention(*roles))
     kept = (
         []

@@ -297,7 +297,7 @@ def load_peft_adapter(model, path, *, name: str = "default"):
     ka.interop.load_peft_adapter(backbone, "tests/data/peft/bert_lora")
     ```
     """
-    adapter_model._check_model(model)
+    adapter_model.check_model(model)
     root = _root(model)
     architecture = _architecture(root)
     directory = _check_adapter_directory(path)
@@ -391,7 +391,7 @@ def save_peft_adapter(
     ka.interop.save_peft_adapter(backbone, "exported_lora")
     ```
     """
-    adapter_model._check_model(model)
+    adapter_model.check_model(model)
     root = _root(model)
     architecture = _architecture(root)
     lora, rows = _lora_layers(model, name)
@@ -498,7 +498,7 @@ def save_peft_adapter(
 
 
 def _root(model):
-    return adapter_model._adapted_root(model)
+    return adapter_model.adapted_root(model)
 
 
 def _lora_layers(model, name):

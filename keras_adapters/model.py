@@ -100,7 +100,7 @@ class AdapterReport:
         return "\n".join(out)
 
 
-def _is_task(model):
+def is_task(model):
     try:
         import keras_hub
     except ImportError:
@@ -108,9 +108,9 @@ def _is_task(model):
     return isinstance(model, keras_hub.models.Task)
 
 
-def _adapted_root(model):
+def adapted_root(model):
     """The part of `model` adapters attach to: a Task's backbone, or itself."""
-    return model.backbone if _is_task(model) else model
+    return model.backbone if is_task(model) else model
 
 
 def _state(model):
@@ -137,7 +137,7 @@ def adapter_variables(model, names=None):
         A list of variables, in layer order.
     """
     if names is not None:
-        names = _check_names(model, names, "names")
+        names = check_names(model, names, "names")
     return [
         v
         for layer in adapted_layers(model)
@@ -145,7 +145,7 @@ def adapter_variables(model, names=None):
     ]
 
 
-def _check_model(model):
+def check_model(model):
     if not isinstance(model, keras.Model):
         raise ValueError(
             f"Expected a Keras model, received {type(model).__name__}: {model!r}."
@@ -215,7 +215,7 @@ def _enable(model, adapter, targets, keep_trainable, name, validate=True):
     """`enable_adapter`; `validate=False` skips the adapter's own layer checks
     (`combine_adapters` builds LoRA factors whose rank may exceed a layer's
     dimensions, which is wasteful for training but exact)."""
-    _check_model(model)
+    check_model(model)
     if not isinstance(adapter, Adapter):
         raise ValueError(
             "`adapter` must be an adapter configuration such as ka.LoRA(rank=8); "
@@ -231,7 +231,7 @@ def _enable(model, adapter, targets, keep_trainable, name, validate=True):
             f"Model '{model.name}' already has an adapter named {name!r}; pass "
             "another `name=` or merge_adapters() first."
         )
-    root = _adapted_root(model)
+    root = adapted_root(model)
     if targets is None:
         targets = targeting.attention("query", "value")
     hits = targeting.resolve_targets(root, targets)
@@ -315,7 +315,7 @@ def _trainable_flags(model):
 def _freeze_all_but_adapters(model):
     """Trainable: adapter variables, a Task's head, `keep_trainable` layers."""
     state = _state(model)
-    root = _adapted_root(model)
+    root = adapted_root(model)
     keep = {id(v) for v in adapter_variables(model, state.active)}
     if root is not model:
         root_ids = {id(v) for v in root.weights}
@@ -366,7 +366,7 @@ def _check_optimizer_tracks_trainables(model):
         )
 
 
-def _check_names(model, names, argument):
+def check_names(model, names, argument):
     """`names` (a name or a list of names of the model's adapters) as a list."""
     known = [g.name for g in adapter_groups(model)]
     if isinstance(names, str):
@@ -435,7 +435,7 @@ def merge_adapters(model, names=None, *, quantized=None):
     classifier.export("serving", format="tf_saved_model")
     ```
     """
-    _check_model(model)
+    check_model(model)
     state = _state(model)
     if state is None or not state.groups:
         raise ValueError(
@@ -448,7 +448,7 @@ def merge_adapters(model, names=None, *, quantized=None):
                 f"Model '{model.name}' has no active adapters (it has "
                 f"{adapter_names(model)}); pass `names=` to merge inactive ones."
             )
-    names = _check_names(model, names, "names")
+    names = check_names(model, names, "names")
     layers = [
         layer
         for layer in adapted_layers(model)
@@ -501,10 +501,10 @@ def delete_adapter(model, name) -> None:
     ka.delete_adapter(model, "news")
     ```
     """
-    _check_model(model)
+    check_model(model)
     if not isinstance(name, str):
         raise ValueError(f"`name` must be an adapter name; received {name!r}.")
-    (name,) = _check_names(model, [name], "name")
+    (name,) = check_names(model, [name], "name")
     for layer in adapted_layers(model):
         if name in adapter_layers.slots(layer):
             adapter_layers.detach(layer, name, merge=False)
@@ -585,13 +585,13 @@ def set_active_adapters(model, names):
         sports_predictions = model.predict(x)
     ```
     """
-    _check_model(model)
+    check_model(model)
     state = _state(model)
     if state is None:
         raise ValueError(
             f"Model '{model.name}' has no adapters; enable_adapter() first."
         )
-    names = _check_names(model, names, "names")
+    names = check_names(model, names, "names")
     previous = list(state.active)
     # Keep the order in which the adapters were added.
     state.active = [n for n in adapter_names(model) if n in names]
@@ -656,13 +656,13 @@ def combine_adapters(model, weights, name) -> AdapterReport:
     ka.set_active_adapters(model, ["mix"])
     ```
     """
-    _check_model(model)
+    check_model(model)
     if not isinstance(weights, dict) or not weights:
         raise ValueError(
             "`weights` must be a non-empty dict {adapter name: weight}; received "
             f"{weights!r}."
         )
-    names = _check_names(model, list(weights), "weights")
+    names = check_names(model, list(weights), "weights")
     for key, weight in weights.items():
         if (
             isinstance(weight, bool)
@@ -689,7 +689,7 @@ def combine_adapters(model, weights, name) -> AdapterReport:
     from keras_adapters.adapters.lora import LoRA
 
     rank = sum(groups[n].adapter.rank for n in names)
-    root = _adapted_root(model)
+    root = adapted_root(model)
     paths = list(dict.fromkeys(p for n in names for p in groups[n].layer_paths))
     active = list(_state(model).active)
     with warnings.catch_warnings():
@@ -739,7 +739,7 @@ def enable_groups(model, groups, active=None):
 
     `active`: the names among them to leave active (all by default).
     """
-    root = _adapted_root(model)
+    root = adapted_root(model)
     groups = list(groups)
     for group in groups:
         keep = group.keep_trainable_paths

@@ -71,7 +71,7 @@ def save_adapter_weights(model, path, names=None) -> None:
             f"Model '{model.name}' has no adapters to save; enable_adapter() first."
         )
     if names is not None:
-        names = adapter_model._check_names(model, names, "names")
+        names = adapter_model.check_names(model, names, "names")
         groups = [g for g in groups if g.name in names]
     names = [g.name for g in groups]
     adapted = [
@@ -79,7 +79,7 @@ def save_adapter_weights(model, path, names=None) -> None:
         for layer in adapter_model.adapted_layers(model)
         if any(n in names for n in adapter_layers.slots(layer))
     ]
-    root_name = adapter_model._adapted_root(model).name
+    root_name = adapter_model.adapted_root(model).name
 
     def layer_key(layer):
         return targeting.relative_path(root_name, layer.path)
@@ -168,8 +168,8 @@ def load_adapter_weights(model, path) -> None:
     """
     spec = read_adapter_spec(path)
     groups = [adapter_model.AdapterGroup.from_config(g) for g in spec["groups"]]
-    adapter_model._check_model(model)
-    root = adapter_model._adapted_root(model)
+    adapter_model.check_model(model)
+    root = adapter_model.adapted_root(model)
     existing = {g.name: g for g in adapter_model.adapter_groups(model)}
     conflicts = [g for g in groups if g.name in existing and existing[g.name] != g]
     if conflicts:

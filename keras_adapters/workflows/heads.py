@@ -15,7 +15,7 @@ from keras_adapters import _keras_internals as internals
 from keras_adapters import layers as adapter_layers
 
 
-def _check_model(model):
+def check_model(model):
     if not isinstance(model, keras.Model):
         raise ValueError(
             f"Expected a Keras model, received {type(model).__name__}: {model!r}."
@@ -68,7 +68,7 @@ def find_head(model, head=None):
     head.name  # "logits"
     ```
     """
-    _check_model(model)
+    check_model(model)
     everything = [layer for layer, _ in internals.layers_with_parents(model)]
     if head is None:
         layer = _output_layer(model)

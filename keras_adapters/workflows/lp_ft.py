@@ -724,7 +724,7 @@ def lp_ft(
         )
         tracker = HeadNormCallback(layer, probe=probe)
         fit_callbacks = [tracker, *(callbacks or [])]
-        if kind == "arrays" and not adapter_model._is_task(model):
+        if kind == "arrays" and not adapter_model.is_task(model):
             ft_history = model.fit(
                 x,
                 y,
