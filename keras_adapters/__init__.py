@@ -35,8 +35,8 @@ from keras_adapters.model import combine_adapters
 from keras_adapters.model import delete_adapter
 from keras_adapters.model import disable_adapters
 from keras_adapters.model import enable_adapter
-from keras_adapters.model import merge_adapters
 from keras_adapters.model import set_active_adapters
+from keras_adapters.merge import merge_adapters
 from keras_adapters.optimizers import role
 from keras_adapters.saving import load_adapter_weights
 from keras_adapters.saving import read_adapter_spec

@@ -9,7 +9,11 @@ takes, the same way Keras' own `enable_lora` does:
   after `build`);
 - switch a layer or model to a subclass of its own class, cached per class,
   that serializes exactly as the original class;
-- walk a model's layer tree with parents.
+- walk a model's layer tree with parents;
+- read a projection's kernel variable, and let adapted layers answer Keras'
+  quantization hooks;
+- drop a model's compiled functions (KerasHub's `generate_function` too);
+- the optimizer internals per-variable learning rates use.
 
 `tests/test_keras_internals.py` pins these behaviours for the supported Keras
 versions (`keras>=3.15`).
@@ -17,6 +21,7 @@ versions (`keras>=3.15`).
 
 import contextlib
 
+import keras
 from keras.src import api_export
 from keras.src.saving import object_registration
 from keras.src.saving import serialization_lib
@@ -141,13 +146,15 @@ def layers_with_parents(model):
 
 
 def reset_compiled_functions(model):
-    """Drops a model's cached train/test/predict functions.
+    """Drops a model's cached train/test/predict (and generate) functions.
 
-    They capture the variable lists, which change when adapters are added or
-    merged.
+    They capture the variable lists and the layers' classes, which change
+    when adapters are added, merged or switched. A KerasHub `CausalLM`
+    caches its `generate()` function as `generate_function`.
     """
-    for name in ("train_function", "test_function", "predict_function"):
-        if hasattr(model, name):
+    names = ("train_function", "test_function", "predict_function")
+    for name in names + ("generate_function",):
+        if getattr(model, name, None) is not None:
             setattr(model, name, None)
 
 
@@ -242,3 +249,84 @@ def quantize_layer(layer, mode, config):
         if layer.path in policy_map:
             del policy_map[layer.path]
         policy_map[layer.path] = quantized
+
+
+def kernel_variable(layer):
+    """The variable holding a `Dense`/`EinsumDense` layer's own kernel.
+
+    Its public `kernel` property is what an adapted layer overrides (the
+    effective kernel, as Keras' own LoRA does), so the stored variable is
+    read here.
+    """
+    return layer._kernel
+
+
+def set_tracked_attribute(layer, name, value):
+    """`setattr(layer, name, value)` on a built layer, tracked by Keras.
+
+    A variable or `SeedGenerator` set this way becomes part of the layer's
+    weights (and is saved, distributed and trained like them).
+    """
+    with unlocked_tracker(layer):
+        setattr(layer, name, value)
+
+
+def add_variable(layer, name, shape, initializer, regularizer=None, layout=None):
+    """Creates a float32 trainable variable `name` on a built `layer`.
+
+    What `layer.add_weight` does, plus an explicit distribution `layout`
+    (`keras.Variable(layout=...)`; `add_weight` has no such argument): the
+    variable's path is `<layer.path>/<name>`, it is never autocast (adapter
+    math stays float32 under mixed precision), and its `regularizer` adds
+    to the layer's losses.
+    """
+    with keras.name_scope(layer.name, caller=layer):
+        variable = keras.Variable(
+            initializer=initializer,
+            shape=shape,
+            dtype="float32",
+            trainable=True,
+            autocast=False,
+            name=name,
+            layout=layout,
+        )
+    variable.regularizer = regularizer
+    set_tracked_attribute(layer, name, variable)
+    return variable
+
+
+class QuantizeHooks:
+    """What an adapted layer answers to Keras' quantization hooks.
+
+    Keras routes a quantized layer's `__call__` to `quantized_call` instead
+    of `call`; an adapted layer handles its quantized kernel itself (through
+    `keras_adapters.kernels.QuantizedKernel`), so it goes to `call`. Keras
+    checks `layer.quantize(...)` arguments with `_check_quantize_args`
+    before changing anything; an adapted layer refuses there
+    (`_refuse_quantize_error` is the subclass's).
+    """
+
+    def quantized_call(self, *args, **kwargs):
+        return self.call(*args, **kwargs)
+
+    def _check_quantize_args(self, mode, compute_dtype):
+        raise self._refuse_quantize_error()
+
+
+def guard_model_quantize(model, check):
+    """Runs `check(model)` before `model.quantize(...)` changes anything.
+
+    Keras' `Model.quantize` checks its arguments with the model's
+    `_check_quantize_args` first; the guard wraps it with an instance
+    attribute, once per model. `check` raises to refuse.
+    """
+    if getattr(model, "_keras_adapters_quantize_guard", False):
+        return
+    original = model._check_quantize_args
+
+    def check_quantize_args(mode, compute_dtype):
+        check(model)
+        return original(mode, compute_dtype)
+
+    object.__setattr__(model, "_check_quantize_args", check_quantize_args)
+    object.__setattr__(model, "_keras_adapters_quantize_guard", True)

@@ -72,8 +72,8 @@ def _describe(low, high, low_inclusive, high_inclusive, integer):
     if low is None and high is None:
         return kind
     if high is None:
-        if low == 0 and not low_inclusive:
-            return "a positive int" if integer else "a finite number > 0"
+        if (low == 0 and not low_inclusive) or (integer and low == 1):
+            return "a positive int" if integer else "a positive number"
         return f"{kind} {'>=' if low_inclusive else '>'} {low}"
     if low is None:
         return f"{kind} {'<=' if high_inclusive else '<'} {high}"

@@ -15,6 +15,7 @@ import tempfile
 import keras
 import numpy as np
 
+from keras_adapters import merge
 from keras_adapters import model as adapter_model
 from keras_adapters import targeting
 
@@ -184,7 +185,7 @@ def _plain_copy(model):
         if name not in active:
             adapter_model.delete_adapter(copy, name)
     if active:
-        merged = adapter_model.merge_adapters(copy)
+        merged = merge.merge_adapters(copy)
     return copy, merged
 
 

@@ -535,7 +535,7 @@ def _lora_layers(model, name):
     for layer_path in group.layer_paths:
         layer = layers[layer_path]
         slot = adapter_layers.slots(layer)[name]
-        rows.append((layer_path, layer, slot.lora_a, slot.lora_b))
+        rows.append((layer_path, layer, slot["lora_a"], slot["lora_b"]))
     return group.adapter, rows
 
 
@@ -844,15 +844,11 @@ def _plan(root, architecture, factors, lora, config, directory):
         if layer is None:
             problems.append(f"{module}: the model has no layer '{layer_path}'")
             continue
-        if adapter_layers.is_adapted(layer):
-            # enable_adapter reports this (before changing anything).
-            view = adapter_layers.KernelView(layer)
-        else:
-            try:
-                view = adapter_layers.check_supported(layer)
-            except adapter_layers.UnsupportedLayerError as error:
-                problems.append(f"{module}: {error}")
-                continue
+        try:
+            view = adapter_layers.check_supported(layer)
+        except adapter_layers.UnsupportedLayerError as error:
+            problems.append(f"{module}: {error}")
+            continue
         expected_a, expected_b = (lora.rank, view.d_in), (view.d_out, lora.rank)
         if a.shape != expected_a or b.shape != expected_b:
             problems.append(

@@ -1,158 +1,41 @@
-"""How an adapter attaches to a Keras `Dense` or `EinsumDense` layer.
+"""How adapters attach to a Keras `Dense` or `EinsumDense` layer.
 
 An adapter never wraps or replaces a layer: the layer object stays where it is
 (inside a KerasHub attention block, say), gains the adapters' variables, and
 switches to a cached subclass of its own class whose `call` lets the active
-adapters take part. Several named adapters can share a layer (see
-`AdapterSlot`). Merging folds an adapter into the kernel; when the last one
-goes, the layer switches back to its original class. See `docs/how_adapters_attach.md`.
+adapters take part. That `call` is the only dispatcher: it prepares the inputs
+the frozen kernel takes, then lets one adapter compute the output, adds the
+terms of several additive ones, or projects with the composed kernel. Several
+named adapters can share a layer (see `AdapterSlot`). Merging folds an adapter
+into the kernel; when the last one goes, the layer switches back to its
+original class. See `docs/how_adapters_attach.md`.
 """
-
-import math
-import string
 
 import keras
 from keras import ops
 
 from keras_adapters import _keras_internals as internals
-from keras_adapters import quantization
+from keras_adapters import placement
+from keras_adapters.kernels import SUPPORTED_LAYERS
+from keras_adapters.kernels import KernelView
+from keras_adapters.kernels import UnsupportedLayerError
+from keras_adapters.kernels import frozen_kernel
 
-SUPPORTED_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense)
-
-
-class UnsupportedLayerError(ValueError):
-    """Raised when an adapter cannot attach to a layer."""
-
-
-class KernelView:
-    """The 2-D (input axes x output axes) view of a projection kernel.
-
-    A `Dense` kernel is already a `(d_in, d_out)` matrix. An `EinsumDense`
-    kernel can have more axes: KerasHub's BERT query kernel is
-    `(hidden, heads, head_dim)` and Gemma's is `(heads, hidden, head_dim)`.
-    Its axes that contract with the inputs are the input axes, the ones that
-    reach the outputs are the output axes, and the 2-D view is the kernel
-    transposed to (input axes, output axes) and reshaped to
-    `(prod(input sizes), prod(output sizes))`. This is the matrix of the
-    flattened projection, the one Hugging Face PEFT factorizes.
-
-    Args:
-        layer: a built `Dense` or `EinsumDense` layer.
-    """
-
-    def __init__(self, layer):
-        # The logical shape: int4 kernels are stored packed.
-        kernel_shape = quantization.logical_kernel_shape(layer)
-        self.kernel_shape = kernel_shape
-        if isinstance(layer, keras.layers.EinsumDense):
-            self.equation = layer.equation.replace(" ", "")
-            inputs, rest = self.equation.split(",")
-            kernel, outputs = rest.split("->")
-            self._inputs, self._kernel, self._outputs = inputs, kernel, outputs
-            bad = [c for c in kernel if (c in inputs) == (c in outputs)]
-            if "." in kernel or bad or len(set(kernel)) != len(kernel):
-                raise UnsupportedLayerError(
-                    f"EinsumDense equation '{layer.equation}' is not a plain "
-                    "projection: every kernel axis must contract with the "
-                    "inputs or reach the outputs, not both or neither."
-                )
-            in_axes = [i for i, c in enumerate(kernel) if c in inputs]
-            out_axes = [i for i, c in enumerate(kernel) if c in outputs]
-            self._batch = "".join(c for c in inputs if c not in kernel)
-            leftover = set(outputs) - set(self._batch) - set(kernel)
-            if leftover or set(self._batch.replace(".", "")) - set(outputs):
-                raise UnsupportedLayerError(
-                    f"EinsumDense equation '{layer.equation}' is not a plain "
-                    "projection: its non-kernel input axes must all reach "
-                    "the outputs."
-                )
-            free = [c for c in string.ascii_letters if c not in self.equation]
-            self._rank_letter = free[0]
-        else:
-            self.equation = None
-            in_axes, out_axes = [0], [1]
-        self.perm = tuple(in_axes + out_axes)
-        self.inverse_perm = tuple(
-            sorted(range(len(self.perm)), key=self.perm.__getitem__)
-        )
-        self.in_shape = tuple(kernel_shape[i] for i in in_axes)
-        self.out_shape = tuple(kernel_shape[i] for i in out_axes)
-        self.d_in = math.prod(self.in_shape)
-        self.d_out = math.prod(self.out_shape)
-        self._transposed = self.perm != tuple(range(len(self.perm)))
-
-    def to_matrix(self, kernel):
-        """Kernel (layer layout) -> `(d_in, d_out)` matrix."""
-        if self._transposed:
-            kernel = ops.transpose(kernel, self.perm)
-        return ops.reshape(kernel, (self.d_in, self.d_out))
-
-    def from_matrix(self, matrix):
-        """`(d_in, d_out)` matrix -> kernel (layer layout)."""
-        kernel = ops.reshape(matrix, self.in_shape + self.out_shape)
-        if self._transposed:
-            kernel = ops.transpose(kernel, self.inverse_perm)
-        return kernel
-
-    def project(self, inputs, kernel):
-        """The layer's own contraction of `inputs` with `kernel` (no bias)."""
-        if self.equation is None:
-            return ops.matmul(inputs, kernel)
-        return ops.einsum(self.equation, inputs, kernel)
-
-    def contract_inputs(self, inputs, factor):
-        """Contracts the input axes of `inputs` with a `(d_in, r)` factor.
-
-        Returns a tensor of shape `batch_axes + (r,)`.
-        """
-        if self.equation is None:
-            return ops.matmul(inputs, factor)
-        r = self._rank_letter
-        factor = ops.reshape(factor, self.in_shape + (factor.shape[-1],))
-        in_letters = "".join(c for c in self._kernel if c in self._inputs)
-        equation = f"{self._inputs},{in_letters}{r}->{self._batch}{r}"
-        return ops.einsum(equation, inputs, factor)
-
-    def map_inputs(self, inputs, fn):
-        """Applies `fn` along the flattened input axes of `inputs`.
-
-        `fn` maps a `(n, d_in)` tensor to a `(n, d_in)` tensor (for example
-        `x -> x R` for an input-side rotation `R`). Returns a tensor shaped
-        like `inputs`, ready for `project`.
-        """
-        if self.equation is None:
-            in_positions = [len(inputs.shape) - 1]
-        else:
-            in_letters = [c for c in self._kernel if c in self._inputs]
-            offset = len(inputs.shape) - len(self._inputs.replace("...", "_"))
-            in_positions = [
-                self._inputs.replace("...", "_").index(c) + max(offset, 0)
-                for c in in_letters
-            ]
-        rank = len(inputs.shape)
-        other = [i for i in range(rank) if i not in in_positions]
-        perm = other + in_positions
-        moved = inputs if perm == list(range(rank)) else ops.transpose(inputs, perm)
-        moved_shape = ops.shape(moved)
-        flat = fn(ops.reshape(moved, (-1, self.d_in)))
-        moved = ops.reshape(flat, moved_shape)
-        if perm == list(range(rank)):
-            return moved
-        return ops.transpose(moved, [perm.index(i) for i in range(rank)])
-
-    def expand_outputs(self, hidden, factor):
-        """Maps `batch_axes + (r,)` through an `(r, d_out)` factor.
-
-        Returns a tensor in the layer's output layout.
-        """
-        if self.equation is None:
-            return ops.matmul(hidden, factor)
-        r = self._rank_letter
-        factor = ops.reshape(factor, (factor.shape[0],) + self.out_shape)
-        out_letters = "".join(c for c in self._kernel if c in self._outputs)
-        equation = f"{self._batch}{r},{r}{out_letters}->{self._outputs}"
-        return ops.einsum(equation, hidden, factor)
-
+__all__ = [
+    "DEFAULT_NAME",
+    "SUPPORTED_LAYERS",
+    "AdapterSlot",
+    "KernelView",
+    "UnsupportedLayerError",
+    "adapter_variables",
+    "attach",
+    "check_supported",
+    "composed_kernel",
+    "detach",
+    "is_adapted",
+    "planned_variables",
+    "slots",
+]
 
 DEFAULT_NAME = "default"
 
@@ -163,34 +46,23 @@ def check_supported(layer):
     A layer that already has adapters can take more (under other names).
 
     Returns:
-        The layer's `KernelView`.
+        The layer's frozen kernel (`keras_adapters.kernels.FloatKernel` or
+        `QuantizedKernel`).
     """
-    if not isinstance(layer, SUPPORTED_LAYERS):
-        raise UnsupportedLayerError(
-            f"Layer '{layer.path or layer.name}' is of type {type(layer).__name__}; "
-            "adapters attach to Dense and EinsumDense layers."
-        )
     if is_adapted(layer):
-        return layer._keras_adapters_view
-    if not layer.built:
-        raise UnsupportedLayerError(
-            f"Layer '{layer.name}' is not built; build the model (call it on "
-            "data or call build()) before enabling adapters."
-        )
+        return layer._keras_adapters_kernel
+    kernel = frozen_kernel(layer)
     if getattr(layer, "lora_enabled", False):
         raise UnsupportedLayerError(
             f"Layer '{layer.path}' has Keras' built-in LoRA enabled; "
             "keras_adapters does not stack on it."
         )
-    reason = quantization.unsupported_reason(layer)
-    if reason is not None:
-        raise UnsupportedLayerError(reason)
     if getattr(layer, "kernel_constraint", None) is not None:
         raise UnsupportedLayerError(
             f"Layer '{layer.path}' has a kernel constraint, which an adapted "
             "kernel would not respect."
         )
-    return KernelView(layer)
+    return kernel
 
 
 def is_adapted(layer):
@@ -198,26 +70,31 @@ def is_adapted(layer):
 
 
 class AdapterSlot:
-    """One named adapter on one layer, as the adapter's methods see the layer.
+    """One named adapter on one layer: what the adapter's methods get as
+    `weights`.
 
-    Adapter methods receive a slot where they expect the layer: reading an
-    attribute falls through to the layer (`layer.path`, `layer._kernel`),
-    except for the adapter's own variables and state, which the adapter
-    reads and sets by their short names (`layer.lora_a`). On the layer they
-    live under qualified names: `lora_a` for the adapter named `"default"`,
-    `lora_a.news` for the adapter named `"news"`, so several adapters can
-    share a layer and their variable paths say which adapter they belong to.
+    `slot["lora_a"]` is the adapter's variable `lora_a` on this layer. On the
+    layer it lives under a qualified name: `lora_a` for the adapter named
+    `"default"`, `lora_a.news` for the adapter named `"news"`, so several
+    adapters can share a layer and their variable paths say which adapter
+    they belong to.
 
     Attributes:
         layer: the adapted layer.
         name: the adapter's name.
         adapter: the adapter configuration.
+        kernel: the layer's frozen kernel.
         active: whether the layer applies this adapter.
+        attributes: `{short name: qualified layer attribute}`.
     """
 
-    def __init__(self, layer, name, adapter):
-        state = self.__dict__
-        state.update(layer=layer, name=name, adapter=adapter, active=True, own={})
+    def __init__(self, layer, name, adapter, kernel):
+        self.layer = layer
+        self.name = name
+        self.adapter = adapter
+        self.kernel = kernel
+        self.active = True
+        self.attributes = {}
 
     def qualified(self, short_name):
         """The layer attribute (and variable name) for `short_name`."""
@@ -225,29 +102,93 @@ class AdapterSlot:
             return short_name
         return f"{short_name}.{self.name}"
 
-    def __getattr__(self, attr):
-        # Only called for attributes the slot itself does not have.
-        state = self.__dict__
-        if attr in state["own"]:
-            return getattr(state["layer"], state["own"][attr])
-        return getattr(state["layer"], attr)
+    def __getitem__(self, short_name):
+        return getattr(self.layer, self.attributes[short_name])
 
-    def __setattr__(self, attr, value):
-        if attr == "active":
-            self.__dict__["active"] = bool(value)
-            return
-        qualified = self.qualified(attr)
-        with internals.unlocked_tracker(self.layer):
-            setattr(self.layer, qualified, value)
-        self.own[attr] = qualified
+    def __contains__(self, short_name):
+        return short_name in self.attributes
+
+    def items(self):
+        """`(short name, variable)` of this adapter's variables."""
+        return [
+            (short, self[short])
+            for short in self.attributes
+            if isinstance(self[short], keras.Variable)
+        ]
 
     def variables(self):
         """`{qualified name: variable}` of this adapter's variables."""
-        return {
-            q: getattr(self.layer, q)
-            for q in self.own.values()
-            if isinstance(getattr(self.layer, q), keras.Variable)
-        }
+        return {self.attributes[short]: variable for short, variable in self.items()}
+
+    def __repr__(self):
+        return (
+            f"<AdapterSlot {self.name!r} on '{self.layer.path}': "
+            f"{self.adapter!r}, active={self.active}>"
+        )
+
+
+class _VariableFactory:
+    """What `Adapter.build` gets to create its variables on one layer.
+
+    `factory(name, shape, initializer, regularizer=None)` creates a float32
+    trainable variable laid out by `keras_adapters.placement` (under a
+    `keras.distribution`, like the kernel dimensions the method's
+    `variable_axes` names).
+    """
+
+    def __init__(self, slot):
+        self._slot = slot
+
+    def __call__(self, name, shape, initializer, regularizer=None):
+        slot = self._slot
+        qualified = slot.qualified(name)
+        shape = tuple(int(d) for d in shape)
+        axes = slot.adapter.variable_axes.get(name)
+        layout = placement.variable_layout(slot.kernel, qualified, shape, axes)
+        variable = internals.add_variable(
+            slot.layer,
+            qualified,
+            shape,
+            keras.initializers.get(initializer),
+            regularizer=regularizer,
+            layout=layout,
+        )
+        slot.attributes[name] = qualified
+        return variable
+
+    def seed_generator(self, name):
+        """A `keras.random.SeedGenerator` tracked by the layer (for dropout)."""
+        slot = self._slot
+        qualified = slot.qualified(name)
+        generator = keras.random.SeedGenerator()
+        internals.set_tracked_attribute(slot.layer, qualified, generator)
+        slot.attributes[name] = qualified
+        return generator
+
+
+class _ShapeRecorder:
+    """A factory that records the variables `build` would create."""
+
+    def __init__(self, slot):
+        self._slot = slot
+        self.shapes = {}
+
+    def __call__(self, name, shape, initializer, regularizer=None):
+        self.shapes[self._slot.qualified(name)] = tuple(int(d) for d in shape)
+
+    def seed_generator(self, name):
+        return None
+
+
+def planned_variables(layer, adapter, name=DEFAULT_NAME):
+    """`{qualified variable name: shape}` that `attach` would create.
+
+    Changes nothing; used to check a file against a model before loading.
+    """
+    kernel = check_supported(layer)
+    recorder = _ShapeRecorder(AdapterSlot(layer, name, adapter, kernel))
+    adapter.build(kernel, recorder)
+    return recorder.shapes
 
 
 def slots(layer):
@@ -255,18 +196,19 @@ def slots(layer):
     return dict(getattr(layer, "_keras_adapters_slots", {}))
 
 
-def attach(layer, adapter, view, name):
+def attach(layer, adapter, kernel, name):
     """Adds adapter `name` (its variables) to `layer`.
 
-    `check_supported(layer)` and `adapter.validate(layer, view)` must have
-    passed. The first adapter also switches the layer's class.
+    `check_supported(layer)` (which returned `kernel`) and
+    `adapter.validate(kernel)` must have passed. The first adapter also
+    switches the layer's class.
     """
-    slot = AdapterSlot(layer, name, adapter)
+    slot = AdapterSlot(layer, name, adapter, kernel)
     with internals.unlocked_tracker(layer):
         layer.trainable = True
-        adapter.build(slot, view)
+        adapter.build(kernel, _VariableFactory(slot))
     if not is_adapted(layer):
-        internals.set_untracked_attribute(layer, "_keras_adapters_view", view)
+        internals.set_untracked_attribute(layer, "_keras_adapters_kernel", kernel)
         internals.set_untracked_attribute(layer, "_keras_adapters_slots", {})
         internals.switch_class(layer, _AdaptedLayer, serialize_as_base=True)
     layer._keras_adapters_slots[name] = slot
@@ -293,15 +235,15 @@ def composed_kernel(layer, active_slots):
 
     On an int8/int4 layer, it starts from the dequantized kernel.
     """
-    view = layer._keras_adapters_view
-    base = quantization.float_kernel(layer, view)
+    kernel = layer._keras_adapters_kernel
+    base = kernel.dense()
     if len(active_slots) == 1:
         slot = active_slots[0]
-        return slot.adapter.adapted_kernel(slot, view, base)
-    matrix = view.to_matrix(ops.cast(base, "float32"))
+        return slot.adapter.adapted_kernel(slot, kernel, base)
+    matrix = kernel.to_matrix(ops.cast(base, "float32"))
     for slot in active_slots:
         matrix = slot.adapter.adapted_matrix(slot, matrix)
-    return view.from_matrix(matrix)
+    return kernel.from_matrix(matrix)
 
 
 def detach(layer, name, merge):
@@ -311,22 +253,20 @@ def detach(layer, name, merge):
     """
     slot = layer._keras_adapters_slots[name]
     if merge:
-        merged = composed_kernel(layer, [slot])
-        layer._kernel.assign(ops.cast(merged, layer._kernel.dtype))
-    slot.adapter.release(slot)
-    for qualified in slot.own.values():
+        slot.kernel.assign(composed_kernel(layer, [slot]))
+    for qualified in slot.attributes.values():
         value = getattr(layer, qualified)
         if isinstance(value, keras.Variable):
             internals.untrack_variable(layer, value)
         internals.untrack_attribute(layer, qualified)
     del layer._keras_adapters_slots[name]
     if not layer._keras_adapters_slots:
-        object.__delattr__(layer, "_keras_adapters_view")
+        object.__delattr__(layer, "_keras_adapters_kernel")
         object.__delattr__(layer, "_keras_adapters_slots")
         internals.restore_class(layer)
 
 
-class _AdaptedLayer:
+class _AdaptedLayer(internals.QuantizeHooks):
     """Methods a `Dense`/`EinsumDense` layer gets while it has adapters."""
 
     def _active_slots(self):
@@ -337,36 +277,32 @@ class _AdaptedLayer:
         """The effective (adapted) kernel, as Keras' own LoRA exposes it."""
         active = self._active_slots()
         if not active:
-            return quantization.float_kernel(self, self._keras_adapters_view)
+            return self._keras_adapters_kernel.dense()
         return composed_kernel(self, active)
 
-    def quantized_call(self, *args, **kwargs):
-        # Keras routes quantized layers here instead of `call`; the adapter
-        # handles the quantized kernel itself (see keras_adapters.quantization).
-        return self.call(*args, **kwargs)
-
-    def _check_quantize_args(self, mode, compute_dtype):
-        raise quantization.refuse_layer_quantize(self)
+    def _refuse_quantize_error(self):
+        return ValueError(
+            f"Layer '{self.path}' has an adapter; quantize before "
+            "enable_adapter() (quantize, then adapt), or merge_adapters() first."
+        )
 
     def call(self, inputs, training=None):
         active = self._active_slots()
-        view = self._keras_adapters_view
+        kernel = self._keras_adapters_kernel
+        # On an int8 layer: the inputs quantized as Keras would (else `x`).
+        inputs = kernel.prepare_inputs(inputs)
         if len(active) == 1:
             slot = active[0]
-            outputs = slot.adapter.call(slot, view, inputs, training=training)
+            outputs = slot.adapter.call(slot, kernel, inputs, training=training)
         elif all(slot.adapter.additive for slot in active):
             # No adapter, or only additive ones (LoRA): each adds its own
-            # term to the base projection, without building a kernel. On an
-            # int8/int4 base, the inputs are those Keras' quantized layer uses.
-            inputs = quantization.quantize_inputs(self, inputs)
-            outputs = quantization.base_projection(self, view, inputs)
+            # term to the frozen projection, without building a kernel.
+            outputs = kernel.project(inputs)
             for slot in active:
-                delta = slot.adapter.delta(slot, view, inputs, training=training)
+                delta = slot.adapter.delta(slot, kernel, inputs, training=training)
                 outputs = ops.add(outputs, ops.cast(delta, outputs.dtype))
         else:
-            inputs = quantization.quantize_inputs(self, inputs)
-            kernel = composed_kernel(self, active)
-            outputs = view.project(inputs, ops.cast(kernel, self.compute_dtype))
+            outputs = kernel.project_with(inputs, composed_kernel(self, active))
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         if self.activation is not None:

@@ -7,11 +7,13 @@ import warnings
 import keras
 
 from keras_adapters import _keras_internals as internals
-from keras_adapters import distribution as adapter_distribution
+from keras_adapters import _validation
 from keras_adapters import layers as adapter_layers
-from keras_adapters import quantization
+from keras_adapters import placement
 from keras_adapters import targeting
+from keras_adapters._tables import format_table
 from keras_adapters.adapters.base import Adapter
+from keras_adapters.kernels import quantization_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +87,8 @@ class AdapterReport:
             (path, cls, "x".join(map(str, shape)), f"{d[0]}x{d[1]}", f"{p:,}")
             for path, cls, shape, d, p in self.adapted
         ]
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
-        line = "  ".join(f"{{:<{w}}}" for w in widths)
-        out = [f"Adapter '{self.name}': {self.adapter!r}", line.format(*header)]
-        out += [line.format(*r) for r in rows]
+        out = [f"Adapter '{self.name}': {self.adapter!r}"]
+        out += format_table(header, rows)
         for path, reason in self.skipped:
             out.append(f"skipped {path}: {reason}")
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
@@ -113,7 +113,8 @@ def adapted_root(model):
     return model.backbone if is_task(model) else model
 
 
-def _state(model):
+def adapter_state(model):
+    """The model's adapter state (groups, active names), or None."""
     return getattr(model, "_keras_adapters_state", None)
 
 
@@ -221,11 +222,8 @@ def _enable(model, adapter, targets, keep_trainable, name, validate=True):
             "`adapter` must be an adapter configuration such as ka.LoRA(rank=8); "
             f"received {adapter!r}."
         )
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(
-            f"`name` must be a non-empty identifier string; received {name!r}."
-        )
-    state = _state(model)
+    _validation.check_name("name", name)
+    state = adapter_state(model)
     if state is not None and any(g.name == name for g in state.groups):
         raise ValueError(
             f"Model '{model.name}' already has an adapter named {name!r}; pass "
@@ -244,26 +242,34 @@ def _enable(model, adapter, targets, keep_trainable, name, validate=True):
     plan, skipped = [], []
     for layer, _ in hits:
         try:
-            view = adapter_layers.check_supported(layer)
+            kernel = adapter_layers.check_supported(layer)
         except adapter_layers.UnsupportedLayerError as error:
             skipped.append((layer.path or layer.name, str(error)))
             continue
         if validate:
-            adapter.validate(layer, view)
-        plan.append((layer, view))
+            adapter.validate(kernel)
+        plan.append((layer, kernel))
     if not plan:
         reasons = "\n".join(f"  {p}: {r}" for p, r in skipped)
         raise ValueError(
             f"No layer of model '{model.name}' can take the adapter; the targets "
             f"matched only:\n{reasons}"
         )
-    adapter_distribution.check_variable_placement(adapter, [layer for layer, _ in plan])
+    placement.check_variable_placement(adapter, [layer for layer, _ in plan])
 
     if state is None:
         state = _AdapterState()
         state.saved_flags = _trainable_flags(model)
-    for layer, view in plan:
-        adapter_layers.attach(layer, adapter, view, name)
+    attached = []
+    try:
+        for layer, kernel in plan:
+            adapter_layers.attach(layer, adapter, kernel, name)
+            attached.append(layer)
+    except BaseException:
+        # All or nothing: a failure on one layer leaves no adapter behind.
+        for layer in attached:
+            adapter_layers.detach(layer, name, merge=False)
+        raise
     group = AdapterGroup(
         name=name,
         adapter=adapter,
@@ -279,7 +285,8 @@ def _enable(model, adapter, targets, keep_trainable, name, validate=True):
     if not isinstance(model, _AdaptedModel):
         internals.switch_class(model, _AdaptedModel, serialize_as_base=False)
     internals.set_untracked_attribute(model, "_keras_adapters_state", state)
-    quantization.guard_quantize(model, root)
+    for guarded in {id(model): model, id(root): root}.values():
+        internals.guard_model_quantize(guarded, _refuse_quantize)
     _freeze_all_but_adapters(model)
     _forget_compiled_functions(model, warn=True)
     return AdapterReport(
@@ -289,17 +296,28 @@ def _enable(model, adapter, targets, keep_trainable, name, validate=True):
             (
                 layer.path,
                 type(layer).__name__,
-                view.kernel_shape,
-                (view.d_in, view.d_out),
-                adapter.num_parameters(view),
+                kernel.kernel_shape,
+                (kernel.d_in, kernel.d_out),
+                adapter.num_parameters(kernel),
             )
-            for layer, view in plan
+            for layer, kernel in plan
         ],
         skipped=skipped,
-        adapter_params=sum(adapter.num_parameters(view) for _, view in plan),
+        adapter_params=sum(adapter.num_parameters(kernel) for _, kernel in plan),
         trainable_params=_count(model.trainable_weights),
         total_params=_count(model.weights),
     )
+
+
+def _refuse_quantize(model):
+    adapted = [layer.path for layer in adapted_layers(model)]
+    if adapted:
+        raise ValueError(
+            f"'{model.name}' has adapters on {adapted}; quantize the model "
+            "before enable_adapter() (quantize, then adapt, as QLoRA "
+            "does), or merge_adapters() first. Keras would skip the "
+            "adapted layers and leave them in float."
+        )
 
 
 def _count(variables):
@@ -314,7 +332,7 @@ def _trainable_flags(model):
 
 def _freeze_all_but_adapters(model):
     """Trainable: adapter variables, a Task's head, `keep_trainable` layers."""
-    state = _state(model)
+    state = adapter_state(model)
     root = adapted_root(model)
     keep = {id(v) for v in adapter_variables(model, state.active)}
     if root is not model:
@@ -327,9 +345,21 @@ def _freeze_all_but_adapters(model):
     # A frozen ancestor would hide the adapters from `trainable_weights`, so
     # every layer is marked trainable and freezing happens per variable.
     model.trainable = True
-    keep -= quantization.quantized_storage(model)  # int kernels stay frozen
+    keep -= _quantized_storage(model)  # int kernels stay frozen
     for variable in model.weights:
         variable.trainable = id(variable) in keep
+
+
+def _quantized_storage(model):
+    """Ids of what quantized layers hold but their bias and adapters: the
+    integer kernel, its scale, zero point and group indices."""
+    adapters = {id(v) for v in adapter_variables(model)}
+    frozen = set()
+    for layer, _ in internals.layers_with_parents(model):
+        if quantization_mode(layer) is not None:
+            bias = getattr(layer, "bias", None)
+            frozen |= {id(v) for v in layer.weights if v is not bias}
+    return frozen - adapters
 
 
 def _forget_compiled_functions(model, warn=False):
@@ -387,101 +417,6 @@ def check_names(model, names, argument):
     return list(dict.fromkeys(names))
 
 
-def merge_adapters(model, names=None, *, quantized=None):
-    """Folds adapters into their base kernels, leaving plain Keras layers.
-
-    Each adapter's update is computed in float32 and folded into the kernel
-    (cast to the kernel's own dtype); its variables are removed, and a layer
-    left without adapters is again an instance of its original class. The
-    model's outputs do not change. Once no adapter is left, the trainable
-    flags the model had before `enable_adapter` are restored.
-
-    Where several adapters share a layer, the active ones apply in the order
-    they were added (additive ones, like LoRA, in any order). Merging some of
-    them must keep that order exact: the adapters merged on a layer must
-    come before the ones kept there, unless all of them are additive.
-
-    Merging into an int8/int4 (quantized) kernel is explicit: it raises a
-    `ValueError` unless `quantized` says how (see
-    `keras_adapters.quantization` and docs/quantized_bases.md), and every
-    adapter on such a layer must be merged together.
-
-    Args:
-        model: a model with adapters.
-        names: adapter names to merge (a name or a list). By default, the
-            active adapters (see `set_active_adapters`): the model keeps
-            computing what it computes now, and inactive adapters stay as
-            they are. Naming an inactive adapter folds it in too.
-        quantized: for adapters on quantized layers: `"float"` (the layer
-            becomes a float layer with the exact merged kernel) or
-            `"requantize"` (the merged kernel is re-quantized to the layer's
-            mode by Keras). Required if a merged layer is quantized.
-
-    Returns:
-        The paths of the layers whose kernels changed; with `quantized`, a
-        `ka.quantization.QuantizedMergeReport` (its `paths`, and the kernel
-        error of each quantized layer).
-
-    Raises:
-        ValueError: if the model has no adapters (or no active ones, with
-            `names=None`), on an unknown name, or if merging `names` would
-            change the order of non-additive adapters on a layer. Nothing
-            changes then.
-
-    Example:
-
-    ```python
-    ka.merge_adapters(classifier)
-    classifier.export("serving", format="tf_saved_model")
-    ```
-    """
-    check_model(model)
-    state = _state(model)
-    if state is None or not state.groups:
-        raise ValueError(
-            f"Model '{model.name}' has no adapters to merge; enable_adapter() first."
-        )
-    if names is None:
-        names = list(state.active)
-        if not names:
-            raise ValueError(
-                f"Model '{model.name}' has no active adapters (it has "
-                f"{adapter_names(model)}); pass `names=` to merge inactive ones."
-            )
-    names = check_names(model, names, "names")
-    layers = [
-        layer
-        for layer in adapted_layers(model)
-        if any(n in names for n in adapter_layers.slots(layer))
-    ]
-    for layer in layers:
-        order = list(adapter_layers.slots(layer).items())
-        kept = [n for n, _ in order if n not in names]
-        first_kept = min((i for i, (n, _) in enumerate(order) if n in kept), default=0)
-        late = [n for i, (n, _) in enumerate(order) if n in names and i > first_kept]
-        if kept and late and not all(s.adapter.additive for _, s in order):
-            raise ValueError(
-                f"Layer '{layer.path}' has the adapters {[n for n, _ in order]} "
-                f"(applied in this order); merging {late} before {kept} would "
-                "change the layer, since they are not all additive. Merge the "
-                "earlier adapters too, or delete_adapter() the ones before."
-            )
-    quantization.check_merge_choice(layers, quantized, names)
-    merged, quantized_merges = [], []
-    for layer in layers:
-        if quantization.quantization_mode(layer) is not None:
-            quantized_merges.append(quantization.merge_layer(layer, quantized, names))
-        else:
-            for name in list(adapter_layers.slots(layer)):
-                if name in names:
-                    adapter_layers.detach(layer, name, merge=True)
-        merged.append(layer.path)
-    _remove_groups(model, names)
-    if quantized is not None:
-        return quantization.QuantizedMergeReport(quantized, merged, quantized_merges)
-    return merged
-
-
 def delete_adapter(model, name) -> None:
     """Removes adapter `name` and its variables without merging it.
 
@@ -508,11 +443,12 @@ def delete_adapter(model, name) -> None:
     for layer in adapted_layers(model):
         if name in adapter_layers.slots(layer):
             adapter_layers.detach(layer, name, merge=False)
-    _remove_groups(model, [name])
+    remove_groups(model, [name])
 
 
-def _remove_groups(model, names):
-    state = _state(model)
+def remove_groups(model, names):
+    """Forgets the groups of adapters `names` (already detached)."""
+    state = adapter_state(model)
     state.groups = [g for g in state.groups if g.name not in names]
     state.active = [n for n in state.active if n not in names]
     if state.groups:
@@ -529,7 +465,7 @@ def adapter_names(model) -> list:
 
 def active_adapters(model) -> list:
     """The names of the adapters `model` applies and trains."""
-    state = _state(model)
+    state = adapter_state(model)
     return list(state.active) if state is not None else []
 
 
@@ -545,7 +481,7 @@ class _ActiveAdapters:
         return self._model
 
     def __exit__(self, *exc_info):
-        state = _state(self._model)
+        state = adapter_state(self._model)
         if state is not None:
             previous = [n for n in self._previous if n in adapter_names(self._model)]
             set_active_adapters(self._model, previous)
@@ -586,7 +522,7 @@ def set_active_adapters(model, names):
     ```
     """
     check_model(model)
-    state = _state(model)
+    state = adapter_state(model)
     if state is None:
         raise ValueError(
             f"Model '{model.name}' has no adapters; enable_adapter() first."
@@ -616,7 +552,7 @@ def disable_adapters(model):
 
 
 def _apply_active(model):
-    state = _state(model)
+    state = adapter_state(model)
     for layer in adapted_layers(model):
         for name, slot in adapter_layers.slots(layer).items():
             slot.active = name in state.active
@@ -625,19 +561,21 @@ def _apply_active(model):
 
 
 def combine_adapters(model, weights, name) -> AdapterReport:
-    """Adds a LoRA adapter that is a weighted sum of LoRA adapters.
+    """Adds an adapter that is a weighted sum of adapters of the same method.
 
     The new adapter's update is exactly `sum_i w_i * delta_i`, where
-    `delta_i = s_i A_i B_i` is adapter i's update of a layer (zero on layers
-    it does not adapt): its factors are the adapters' factors side by side,
-    `A = [A_1, A_2, ...]` and `B = [w_1 s_1 B_1; w_2 s_2 B_2; ...]`, so its
-    rank is the sum of the ranks and its scale 1. It covers every layer one
-    of the adapters covers (with zero blocks where another does not), takes
-    no dropout, and starts inactive: `set_active_adapters(model, [name])`
-    switches to it. The combined adapters are left as they are.
+    `delta_i` is adapter i's update of a layer (zero on layers it does not
+    adapt). How a method combines is its own (`Adapter.combine`): for LoRA,
+    `delta_i = s_i A_i B_i` and the new factors are the adapters' factors
+    side by side, `A = [A_1, A_2, ...]` and `B = [w_1 s_1 B_1; w_2 s_2 B_2;
+    ...]`, so its rank is the sum of the ranks and its scale 1, with no
+    dropout. The new adapter covers every layer one of the adapters covers
+    and starts inactive: `set_active_adapters(model, [name])` switches to
+    it. The combined adapters are left as they are.
 
     Args:
-        model: a model with LoRA adapters.
+        model: a model with adapters of a method that supports combining
+            (LoRA).
         weights: `{adapter name: weight}`, at least one entry; weights are
             any finite numbers (negative ones subtract an update).
         name: the new adapter's name.
@@ -646,8 +584,9 @@ def combine_adapters(model, weights, name) -> AdapterReport:
         The new adapter's `AdapterReport`.
 
     Raises:
-        ValueError: on unknown names, adapters other than LoRA, a weight
-            that is not a finite number, or a name the model already uses.
+        ValueError: on unknown names, adapters whose method cannot combine
+            or that mix methods, a weight that is not a finite number, or a
+            name the model already uses. Nothing changes then.
 
     Example:
 
@@ -663,41 +602,28 @@ def combine_adapters(model, weights, name) -> AdapterReport:
             f"{weights!r}."
         )
     names = check_names(model, list(weights), "weights")
-    for key, weight in weights.items():
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not math.isfinite(weight)
-        ):
-            raise ValueError(
-                f"The weight of adapter {key!r} must be a finite number; received "
-                f"{weight!r}."
-            )
+    coefficients = [
+        _validation.check_number(f"weights[{key!r}]", weights[key]) for key in names
+    ]
+    _validation.check_name("name", name)
     groups = {g.name: g for g in adapter_groups(model)}
-    not_lora = {
-        n: groups[n].adapter for n in names if groups[n].adapter.method != "lora"
-    }
-    if not_lora:
-        raise ValueError(
-            f"combine_adapters combines LoRA adapters only; {not_lora} are not LoRA."
-        )
     if name in groups:
         raise ValueError(
             f"Model '{model.name}' already has an adapter named {name!r}; pass "
             "another `name=`."
         )
-    from keras_adapters.adapters.lora import LoRA
-
-    rank = sum(groups[n].adapter.rank for n in names)
+    adapters = [groups[n].adapter for n in names]
+    # The method of the first adapter decides (and refuses other methods).
+    combined = type(adapters[0]).combine(adapters, coefficients)
     root = adapted_root(model)
     paths = list(dict.fromkeys(p for n in names for p in groups[n].layer_paths))
-    active = list(_state(model).active)
+    active = list(adapter_state(model).active)
     with warnings.catch_warnings():
         # The optimizer check runs once, after the active set is restored.
         warnings.simplefilter("ignore")
         report = _enable(
             model,
-            LoRA(rank=rank, alpha=rank),
+            combined,
             targeting.PathsTarget(tuple(paths), root.name),
             None,
             name,
@@ -707,20 +633,13 @@ def combine_adapters(model, weights, name) -> AdapterReport:
         layer_slots = adapter_layers.slots(layer)
         if name not in layer_slots:
             continue
-        a_blocks, b_blocks = [], []
-        for n in names:
-            lora = groups[n].adapter
-            if n in layer_slots:
-                slot = layer_slots[n]
-                a_blocks.append(keras.ops.convert_to_tensor(slot.lora_a))
-                b_blocks.append(slot.lora_b * (weights[n] * lora.scale))
-            else:
-                view = layer._keras_adapters_view
-                a_blocks.append(keras.ops.zeros((view.d_in, lora.rank)))
-                b_blocks.append(keras.ops.zeros((lora.rank, view.d_out)))
         new = layer_slots[name]
-        new.lora_a.assign(keras.ops.concatenate(a_blocks, axis=1))
-        new.lora_b.assign(keras.ops.concatenate(b_blocks, axis=0))
+        parts = [
+            (adapter, layer_slots.get(n), c)
+            for n, adapter, c in zip(names, adapters, coefficients, strict=True)
+        ]
+        for short, value in combined.combined_values(parts, new.kernel).items():
+            new[short].assign(value)
     set_active_adapters(model, active)
     return report
 
@@ -761,7 +680,7 @@ def enable_groups(model, groups, active=None):
 
 def adapter_groups(model):
     """The `AdapterGroup`s of `model` (empty if it has no adapters)."""
-    state = _state(model)
+    state = adapter_state(model)
     return list(state.groups) if state is not None else []
 
 

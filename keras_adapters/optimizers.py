@@ -31,32 +31,10 @@ import weakref
 import keras
 from keras import ops
 
+from keras_adapters import roles
 from keras_adapters import targeting
 
-# The attention block that holds a projection, as its path names it. KerasHub
-# names it `self_attention_layer` (BERT family), `self_attention` (GPT-2,
-# Llama, Mistral, Qwen, ...), `attention` (Gemma, Falcon, Phi-3), `self_attn`
-# (SmolLM3) or `attn` (PaliGemma's ViT).
-_ATTENTION_BLOCK = re.compile(r".*(attention|attn).*", re.IGNORECASE)
-
-
-def variable_role(path):
-    """The attention role of the variable at `path`, or None.
-
-    A variable's path is `<...>/<block>/<projection>/<variable>`. It has role
-    R when `<projection>` is one of the sublayer names of R in
-    `targeting._ROLE_NAMES` and `<block>`'s name says it is an attention
-    block (contains "attention" or "attn"). On KerasHub models this is the
-    role `ka.attention()` resolves for the projection (tested for each
-    supported architecture).
-    """
-    parts = (path or "").split("/")
-    if len(parts) < 3 or not _ATTENTION_BLOCK.fullmatch(parts[-3]):
-        return None
-    for role_name, names in targeting._ROLE_NAMES.items():
-        if parts[-2] in names:
-            return role_name
-    return None
+variable_role = roles.path_role
 
 
 class Role:
@@ -69,14 +47,14 @@ class Role:
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(
                 "`role` takes an attention role "
-                f"{list(targeting.ATTENTION_ROLES)} or an adapter variable "
+                f"{list(roles.ATTENTION_ROLES)} or an adapter variable "
                 f"name such as 'lora_a' or 'lora_b'; received {name!r}."
             )
         self.name = name
 
     @property
     def is_attention_role(self):
-        return self.name in targeting.ATTENTION_ROLES
+        return self.name in roles.ATTENTION_ROLES
 
     def matches(self, variable):
         path = variable.path or ""

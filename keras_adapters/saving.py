@@ -23,7 +23,7 @@ import numpy as np
 
 from keras_adapters import layers as adapter_layers
 from keras_adapters import model as adapter_model
-from keras_adapters import quantization
+from keras_adapters.kernels import quantized as quantization
 from keras_adapters import targeting
 
 FORMAT_VERSION = 1
@@ -98,7 +98,7 @@ def save_adapter_weights(model, path, names=None) -> None:
         "groups": [g.to_config() for g in groups],
         "active": [n for n in names if n in active],
         "kernel_shapes": {
-            layer_key(layer): list(layer._keras_adapters_view.kernel_shape)
+            layer_key(layer): list(layer._keras_adapters_kernel.kernel_shape)
             for layer in adapted
         },
         "extras": {variable_key(v): list(v.shape) for v in extras},

@@ -15,46 +15,10 @@ import re
 from collections.abc import Callable
 
 from keras_adapters import _keras_internals as internals
-from keras_adapters import layers as adapter_layers
-
-ATTENTION_ROLES = ("query", "key", "value", "attention_output")
-
-# Sublayer names per role, as the attention layers of KerasHub name them.
-# BERT, RoBERTa, DistilBERT, GPT-2 and friends use Keras' MultiHeadAttention;
-# Gemma, Llama, Mistral and Qwen use their own attention layers, with the same
-# names. The aliases cover architectures that use the Hugging Face names.
-_ROLE_NAMES = {
-    "query": ("query", "query_dense", "q_proj", "q", "query_proj"),
-    "key": ("key", "key_dense", "k_proj", "k", "key_proj"),
-    "value": ("value", "value_dense", "v_proj", "v", "value_proj"),
-    "attention_output": (
-        "attention_output",
-        "output_dense",
-        "o_proj",
-        "out_proj",
-        "output_proj",
-    ),
-}
-# Bloom and Falcon name their projections `query_dense`, ..., `output_dense`;
-# SmolLM3 `q_proj`, ..., `o_proj`; the ViTs of PaliGemma and Gemma 3
-# `query_proj`, ..., `out_proj`. GPT-NeoX fuses Q, K and V into one
-# `query_key_value` kernel, which has no single role (only its
-# `attention_output` resolves).
-
-
-def _is_attention_layer(layer):
-    return "attention" in type(layer).__name__.lower()
-
-
-def attention_role(layer, parent):
-    """The attention role of `layer` held by `parent`, or None."""
-    if parent is None or not _is_attention_layer(parent):
-        return None
-    for role, names in _ROLE_NAMES.items():
-        if layer.name in names:
-            return role
-    return None
-
+from keras_adapters.kernels import SUPPORTED_LAYERS
+from keras_adapters.roles import ATTENTION_ROLES
+from keras_adapters.roles import attention_role
+from keras_adapters.roles import check_roles
 
 def relative_path(root_name, path):
     """`path` without the leading `<root_name>/` that subclassed models add.
@@ -128,14 +92,7 @@ def attention(*roles: str) -> AttentionTarget:
     >>> ka.attention("query", "value")
     attention('query', 'value')
     """
-    roles = roles or ATTENTION_ROLES
-    for role in roles:
-        if role not in ATTENTION_ROLES:
-            raise ValueError(
-                f"Unknown attention role {role!r}; the roles are "
-                f"{list(ATTENTION_ROLES)}."
-            )
-    return AttentionTarget(roles)
+    return AttentionTarget(check_roles(roles or ATTENTION_ROLES))
 
 
 def _string_matcher(pattern):
@@ -179,7 +136,7 @@ def candidate_layers(model):
     return [
         (layer, parent)
         for layer, parent in internals.layers_with_parents(model)
-        if isinstance(layer, adapter_layers.SUPPORTED_LAYERS)
+        if isinstance(layer, SUPPORTED_LAYERS)
     ]
 
 

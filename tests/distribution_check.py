@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 
 import keras_adapters as ka  # noqa: E402
 from keras_adapters import layers as adapter_layers  # noqa: E402
-from keras_adapters.layers import KernelView  # noqa: E402
+from keras_adapters.kernels import frozen_kernel  # noqa: E402
 
 SEQ = 8
 VOCAB = 64
@@ -283,10 +283,10 @@ def run_jax(results):
     from_map = {}
     for layer in ka.adapted_layers(multi):
         for slot in adapter_layers.slots(layer).values():
-            for name, qualified in slot.own.items():
+            for name, qualified in slot.attributes.items():
                 path = f"{layer.path}/{qualified}"
                 resolved = extended[path].resolve(
-                    KernelView(layer), slot.adapter.variable_axes[name]
+                    frozen_kernel(layer), slot.adapter.variable_axes[name]
                 )
                 from_map[path] = list(resolved.axes)
     entry = {

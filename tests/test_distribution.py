@@ -26,8 +26,9 @@ import pytest
 
 import keras_adapters as ka
 from keras_adapters import _keras_internals as internals
-from keras_adapters.layers import AdapterSlot
-from keras_adapters.layers import KernelView
+from keras_adapters.adapters.base import ADAPTER_METHODS
+from keras_adapters.kernels import frozen_kernel
+from keras_adapters.layers import planned_variables
 
 BACKEND = keras.backend.backend()
 SCRIPT = os.path.join(os.path.dirname(__file__), "distribution_check.py")
@@ -76,7 +77,7 @@ def test_rule_maps_einsum_kernel_axes_onto_the_2d_view():
     # Query kernel (heads, hidden, head_dim): input axis hidden, output axes
     # heads and head_dim. KerasHub's Gemma layout is ("model", "batch", None).
     query = _gemma_query()
-    assert KernelView(query).perm == (1, 0, 2)
+    assert frozen_kernel(query).perm == (1, 0, 2)
     axes = ka.distribution.view_mesh_axes
     assert axes(("model", "batch", None), query) == ("batch", "model")
     # Output kernel (heads, head_dim, hidden): input axes heads and head_dim.
@@ -125,20 +126,13 @@ def test_rule_rejects_bad_input(args, message):
 
 
 def test_every_adapter_declares_its_variable_axes():
-    for make in (
-        lambda: ka.LoRA(rank=2),
-        lambda: ka.HUT(rank=2),
-        lambda: ka.QGOFT(scale=True),
-        lambda: ka.GOFT(scale=True),
-    ):
-        adapter = make()
-        layer = _dense(6, 8)
-        with internals.unlocked_tracker(layer):
-            adapter.build(AdapterSlot(layer, "default", adapter), KernelView(layer))
-        created = {v.name: v for v in layer.weights if v.name not in ("kernel",)}
-        assert set(created) == set(adapter.variable_axes), adapter
-        for name, axes in adapter.variable_axes.items():
-            assert len(axes) == len(created[name].shape), (adapter, name)
+    for method, cls in ADAPTER_METHODS.items():
+        adapter = cls.example()
+        shapes = planned_variables(_dense(6, 8), adapter)
+        # Every variable it creates has axes of the variable's rank.
+        assert shapes and set(shapes) <= set(adapter.variable_axes), method
+        for name, shape in shapes.items():
+            assert len(adapter.variable_axes[name]) == len(shape), (method, name)
 
 
 # --- adapter_layout_map ----------------------------------------------------
@@ -179,15 +173,15 @@ def test_adapter_layout_map_derives_regex_entries_from_kernel_entries():
 
     # Resolved per layer: A like the kernel's input axis, B like its output.
     resolve = query.resolve
-    assert tuple(resolve(KernelView(_gemma_query()), ("in", None)).axes) == (
+    assert tuple(resolve(frozen_kernel(_gemma_query()), ("in", None)).axes) == (
         "batch",
         None,
     )
-    assert tuple(resolve(KernelView(_gemma_query()), (None, "out")).axes) == (
+    assert tuple(resolve(frozen_kernel(_gemma_query()), (None, "out")).axes) == (
         None,
         "model",
     )
-    b = output.resolve(KernelView(_gemma_output()), (None, "out"))
+    b = output.resolve(frozen_kernel(_gemma_output()), (None, "out"))
     assert tuple(b.axes) == (None, "batch") and b.device_mesh is mesh
 
 

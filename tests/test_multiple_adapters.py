@@ -35,7 +35,7 @@ def _randomize(model, names=None):
 
 def _lora_delta(layer, name):
     slot = adapter_layers.slots(layer)[name]
-    return slot.adapter.scale * _numpy(slot.lora_a) @ _numpy(slot.lora_b)
+    return slot.adapter.scale * _numpy(slot["lora_a"]) @ _numpy(slot["lora_b"])
 
 
 def _bert_with_two_adapters():
@@ -102,7 +102,7 @@ def test_non_additive_adapters_compose_in_order_like_numpy():
     ka.enable_adapter(model, ka.LoRA(rank=2), targets="proj", name="lora")
     _randomize(model)
     slot = adapter_layers.slots(layer)["hut"]
-    hut = slot.adapter.scale * _numpy(slot.hut_a) @ _numpy(slot.hut_b)
+    hut = slot.adapter.scale * _numpy(slot["hut_a"]) @ _numpy(slot["hut_b"])
     expected = kernel * (1 + hut) + _lora_delta(layer, "lora")
     x = RNG.normal(size=(4, 6)).astype("float32")
     np.testing.assert_allclose(_numpy(model(x)), x @ expected + bias, atol=1e-5)

@@ -24,6 +24,7 @@ from test_qgoft_reference import reference_rotation
 import keras_adapters as ka
 from keras_adapters import layers as adapter_layers
 from keras_adapters import quantization
+from keras_adapters.kernels import frozen_kernel
 
 CASE = MODELS["bert"]
 METHODS = {
@@ -354,7 +355,7 @@ def test_int4_base(config_id, tmp_path):
         np.testing.assert_array_equal(after[path], value, err_msg=path)
     layer = query_layer(model)
     assert layer.quantization_mode == "int4"
-    assert layer._keras_adapters_view.kernel_shape == (16, 2, 8)  # not packed
+    assert layer._keras_adapters_kernel.kernel_shape == (16, 2, 8)  # not packed
     # The dequantized kernel is Keras' unpacked int4 kernel, rescaled.
     unpacked = _numpy(keras.layers.EinsumDense.kernel.fget(layer)).reshape(16, 16)
     scale = _numpy(layer.kernel_scale)
@@ -365,7 +366,7 @@ def test_int4_base(config_id, tmp_path):
     else:
         dequantized = unpacked / scale
     np.testing.assert_allclose(
-        _numpy(quantization.float_kernel(layer)).reshape(16, 16),
+        _numpy(frozen_kernel(layer).dense()).reshape(16, 16),
         dequantized,
         rtol=1e-6,
         atol=1e-7,
@@ -462,10 +463,10 @@ def test_base_projection_reproduces_keras_quantized_layers(model_id, mode):
             continue
         if not quantization.is_quantized(layer):
             continue
-        view = adapter_layers.KernelView(layer)
+        view = frozen_kernel(layer)
         x = rng.normal(size=_input_shape(layer, view)).astype("float32")
-        inputs = quantization.quantize_inputs(layer, x)
-        outputs = quantization.base_projection(layer, view, inputs)
+        inputs = view.prepare_inputs(x)
+        outputs = view.project(inputs)
         if layer.bias is not None:
             outputs = outputs + layer.bias
         if layer.activation is not None:
@@ -474,7 +475,7 @@ def test_base_projection_reproduces_keras_quantized_layers(model_id, mode):
             # Keras' own (private) inverse of its scale layout.
             scale = layer._adjust_scale_for_dequant(layer.kernel_scale)
             np.testing.assert_allclose(
-                _numpy(quantization.float_kernel(layer)),
+                _numpy(frozen_kernel(layer).dense()),
                 _numpy(layer._kernel).astype("float32") / _numpy(scale),
                 rtol=1e-6,
                 err_msg=layer.path,

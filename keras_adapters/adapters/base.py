@@ -1,10 +1,25 @@
-"""The small base every adapter method builds on."""
+"""The small base every adapter method builds on, and the method registry.
+
+A method is one file: a subclass of `Adapter` registered with
+`@register_adapter`. It sees the layer it adapts only through two objects:
+
+- `kernel`: the frozen base kernel (`keras_adapters.kernels.FloatKernel`
+  or `QuantizedKernel`): the 2-D view (`d_in`, `d_out`, `to_matrix`,
+  `contract_inputs`, `expand_outputs`, `map_inputs`, ...), the projection
+  of the inputs with the frozen kernel (`project`), and the dense kernel for
+  merges (`dense`);
+- `weights`: the adapter's variables on that layer, by the short names it
+  gave them (`weights["lora_a"]`), created in `build` with the `factory`.
+
+Quantized bases and multi-device placement live behind those two objects,
+so a method file imports neither. See `docs/writing_a_method.md`.
+"""
 
 import keras
+import numpy as np
 from keras import ops
 
-from keras_adapters import distribution
-from keras_adapters import quantization
+from keras_adapters import _validation
 
 ADAPTER_METHODS = {}
 
@@ -23,35 +38,34 @@ FACTOR_INITIALIZERS = {
 }
 
 
-def check_number(name, value, low, allowed, *, integer=False, low_inclusive=True):
-    """Raises `ValueError` unless `value` is a number (an int if `integer`) >= low.
-
-    With `low_inclusive=False`, `value` must be > low. `allowed` describes
-    the accepted values in the message, e.g. "a positive int".
-    """
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        raise ValueError(f"`{name}` must be {allowed}; received {value!r}.")
-    if value < low or (value == low and not low_inclusive):
-        raise ValueError(f"`{name}` must be {allowed}; received {value!r}.")
-
-
 def check_initializer(name, value):
     """Validates a factor initializer argument and returns its config form.
 
-    Accepts a name in `FACTOR_INITIALIZERS` or anything `keras.initializers.get`
-    accepts (name, config dict, object; objects are serialized so the
-    adapter's config stays JSON-ready). Raises `ValueError` otherwise.
+    Accepts a name in `FACTOR_INITIALIZERS` or a Keras initializer (a name
+    Keras knows, a config dict naming a registered `Initializer` class, or
+    an `Initializer` object, which is serialized so that the adapter's
+    config stays JSON-ready). Raises `ValueError` otherwise (`None` too: it
+    would silently mean Keras' default).
     """
+    allowed = (
+        f"one of {sorted(FACTOR_INITIALIZERS)} or a Keras initializer (name, "
+        "config dict or object)"
+    )
     if isinstance(value, str) and value in FACTOR_INITIALIZERS:
         return value
+    if value is None or isinstance(value, bool):
+        raise ValueError(f"`{name}` must be {allowed}; received {value!r}.")
     try:
-        keras.initializers.get(value)
-    except (ValueError, TypeError) as error:
+        initializer = keras.initializers.get(value)
+    except Exception as error:  # Keras raises ValueError, TypeError, KeyError.
         raise ValueError(
-            f"`{name}` must be one of {sorted(FACTOR_INITIALIZERS)} or a Keras "
-            f"initializer; received {value!r} ({error})."
+            f"`{name}` must be {allowed}; received {value!r} ({error})."
         ) from None
+    if not isinstance(initializer, keras.initializers.Initializer):
+        raise ValueError(
+            f"`{name}` must be {allowed}; received {value!r}, which is a "
+            f"{type(initializer).__name__}, not an initializer."
+        )
     if isinstance(value, keras.initializers.Initializer):
         return keras.initializers.serialize(value)
     return value
@@ -68,10 +82,32 @@ def register_adapter(cls):
     """Class decorator: makes an `Adapter` subclass known by its `method`.
 
     Registered methods can be rebuilt from adapter files and `.keras` files
-    (`Adapter.deserialize`), and are Keras-serializable.
+    (`Adapter.deserialize`), are Keras-serializable, and run through the
+    shared test matrix.
+
+    Example:
+
+    ```python
+    @ka.register_adapter
+    class IA3(ka.Adapter):
+        method = "ia3"
+        ...
+    ```
     """
-    if not cls.method or cls.method in ADAPTER_METHODS:
-        raise ValueError(f"Adapter method name {cls.method!r} is empty or taken.")
+    if not isinstance(cls, type) or not issubclass(cls, Adapter):
+        raise ValueError(
+            f"register_adapter takes a subclass of ka.Adapter; received {cls!r}."
+        )
+    if not isinstance(cls.method, str) or not cls.method.isidentifier():
+        raise ValueError(
+            f"Adapter class {cls.__name__} must set `method` to an identifier "
+            f"string such as 'lora'; it has {cls.method!r}."
+        )
+    if cls.method in ADAPTER_METHODS:
+        raise ValueError(
+            f"Adapter method name {cls.method!r} is taken by "
+            f"{ADAPTER_METHODS[cls.method].__name__}; choose another `method`."
+        )
     ADAPTER_METHODS[cls.method] = cls
     return keras.saving.register_keras_serializable(package="keras_adapters")(cls)
 
@@ -80,47 +116,71 @@ class Adapter:
     """Base class of adapter configurations (`LoRA`, `HUT`, `QGOFT`, ...).
 
     An adapter object is a small, immutable description of a method and its
-    hyperparameters. `enable_adapter` uses it to create variables on each
-    targeted layer and to compute that layer's outputs; the variables live on
-    the layer, not on the adapter, so one adapter object serves many layers.
+    hyperparameters; it validates them on construction. `enable_adapter`
+    uses it to create variables on each targeted layer and to compute that
+    layer's outputs; the variables live on the layer, not on the adapter,
+    so one adapter object serves many layers.
 
-    A subclass sets `method` and implements:
+    A subclass sets `method` and implements the first four hooks; the rest
+    are optional:
 
-    - `get_config()`: its hyperparameters (constructor arguments);
-    - `build(layer, view)`: creates its variables with `self.add_variable`
-      and returns their names;
-    - `adapted_matrix(layer, matrix)`: the adapted `(d_in, d_out)` kernel,
-      used for merging (exact) and by the default `call`;
-    - `num_parameters(view)`: adapter parameters for one layer.
+    - `get_config()`: its hyperparameters (constructor arguments).
+    - `build(kernel, factory)`: creates its variables with
+      `factory(name, shape, initializer, regularizer=None)`.
+    - `adapted_matrix(weights, matrix)`: the adapted `(d_in, d_out)` matrix
+      for the base matrix `matrix` (float32); used for merges, and by the
+      default `call`.
+    - `num_parameters(kernel)`: parameters for one layer.
+    - `validate(kernel)`: raise `ValueError` for a layer it cannot adapt.
+    - `delta(weights, kernel, inputs, training)`: for an additive method
+      (`additive = True`, `W' = W + delta`), the term it adds to the
+      layer's output; several additive adapters on one layer each add
+      their term without building a kernel.
+    - `call(weights, kernel, inputs, training)`: the layer's output before
+      bias and activation, from the inputs the frozen kernel takes. The
+      default adds `delta` for additive methods and otherwise projects
+      with the materialized adapted kernel.
+    - `combine(adapters, coefficients)` and `combined_values(parts,
+      kernel)`: a single adapter equal to a weighted combination
+      (`ka.combine_adapters`).
+    - `reference_matrix(values, matrix)`: a NumPy formula of the adapted
+      matrix, checked against `adapted_matrix` and the layer by the shared
+      tests.
+    - `example()`: a small configuration for the shared test matrix.
 
-    It may override `call(layer, view, inputs, training)` with a faster path
-    that does not materialize the adapted kernel, `validate(layer, view)` to
-    reject layers it cannot adapt, and `release(layer)` to drop extra state.
-    An additive method (`W' = W + delta`, like LoRA) sets `additive = True`
-    and implements `delta(layer, view, inputs, training)`, the term it adds
-    to the layer's output; several additive adapters active on one layer
-    then each add their term without building the kernel.
-
-    The `layer` these methods receive is the adapter's
-    `keras_adapters.layers.AdapterSlot` on the layer: it reads like the
-    layer, and `layer.<variable name>` is this adapter's variable.
+    Class attributes: `variable_axes` (for each variable, which dimension of
+    the kernel's 2-D view each axis runs along, `"in"`, `"out"` or None; under
+    a `keras.distribution` the variable is laid out like those dimensions
+    of the kernel), and `roles` (`{role: variable name}`, the variables
+    optimizer recipes may select, such as LoRA+'s `"B"` factor).
     """
 
     method = None
     additive = False
-    # For each variable `build` creates, which dimension of the kernel's 2-D
-    # view each of its axes runs along: "in" (d_in), "out" (d_out) or None.
-    # Under a keras.distribution, adapter variables are laid out like those
-    # dimensions of the kernel (see keras_adapters.distribution); a variable
-    # not listed gets Keras' default layout.
     variable_axes = {}
+    roles = {}
 
     def get_config(self):
         raise NotImplementedError
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        if not isinstance(config, dict):
+            raise ValueError(
+                f"The config of a {cls.__name__} adapter must be a dict; "
+                f"received {config!r}."
+            )
+        try:
+            return cls(**config)
+        except TypeError as error:
+            raise ValueError(
+                f"Invalid {cls.__name__} config {config!r}: {error}."
+            ) from None
+
+    @classmethod
+    def example(cls):
+        """A small configuration of this method for the shared test matrix."""
+        return cls()
 
     def serialize(self):
         """`{"method": ..., "config": ...}`: JSON-ready."""
@@ -135,7 +195,7 @@ class Adapter:
                 f"Unknown adapter method {method!r}; known methods: "
                 f"{sorted(ADAPTER_METHODS)}."
             )
-        return ADAPTER_METHODS[method].from_config(data["config"])
+        return ADAPTER_METHODS[method].from_config(data.get("config"))
 
     def __eq__(self, other):
         return type(self) is type(other) and self.get_config() == other.get_config()
@@ -147,62 +207,106 @@ class Adapter:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
 
-    def validate(self, layer, view):
-        """Raises `ValueError` if this adapter cannot adapt `layer`."""
+    # Building.
 
-    def build(self, layer, view):
-        raise NotImplementedError
+    def validate(self, kernel):
+        """Raises `ValueError` if this adapter cannot adapt `kernel`'s layer."""
 
-    def num_parameters(self, view):
-        raise NotImplementedError
-
-    def add_variable(self, layer, name, shape, initializer, regularizer=None):
-        """Creates a float32 adapter variable `name` on `layer`.
-
-        Adapter variables are never autocast, so adapter math stays float32
-        under mixed precision. A `regularizer` (a Keras regularizer) adds its
-        penalty to the model's losses, which `model.fit` minimizes. Under a
-        `keras.distribution`, the variable is laid out like the kernel, as
-        `variable_axes[name]` says.
-        """
-        axes = self.variable_axes.get(name)
-        base_layer, qualified = layer.layer, layer.qualified(name)
-        with distribution.variable_layout_scope(base_layer, qualified, shape, axes):
-            variable = base_layer.add_weight(
-                name=qualified,
-                shape=shape,
-                initializer=initializer,
-                regularizer=regularizer,
-                dtype="float32",
-                autocast=False,
-                trainable=True,
+    def check_rank(self, rank, kernel):
+        """Raises `ValueError` if `rank > min(d_in, d_out)` of `kernel`."""
+        if rank > min(kernel.d_in, kernel.d_out):
+            raise ValueError(
+                f"{type(self).__name__} rank {rank} is larger than min(d_in, "
+                f"d_out) = min({kernel.d_in}, {kernel.d_out}) of layer "
+                f"'{kernel.path}'; use a rank <= {min(kernel.d_in, kernel.d_out)}."
             )
-        setattr(layer, name, variable)
-        return variable
 
-    def adapted_matrix(self, layer, matrix):
+    def build(self, kernel, factory):
         raise NotImplementedError
 
-    def adapted_kernel(self, layer, view, kernel):
-        """The adapted kernel in the layer's layout, computed in float32."""
-        matrix = view.to_matrix(ops.cast(kernel, "float32"))
-        return view.from_matrix(self.adapted_matrix(layer, matrix))
+    def num_parameters(self, kernel):
+        raise NotImplementedError
 
-    def call(self, layer, view, inputs, training=None):
-        """The layer's output before bias and activation.
+    # Computing.
 
-        The default materializes the adapted kernel. On an int8/int4 layer
-        it starts from the dequantized kernel and feeds the inputs the layer
-        would use (see `keras_adapters.quantization`).
+    def adapted_matrix(self, weights, matrix):
+        raise NotImplementedError
+
+    def adapted_kernel(self, weights, kernel, base):
+        """The adapted kernel in the layer's layout, in float32.
+
+        `base` is the frozen kernel in the layer's layout (`kernel.dense()`
+        or the result of the adapters applied before this one).
         """
-        inputs = quantization.quantize_inputs(layer, inputs)
-        base = quantization.float_kernel(layer, view)
-        kernel = self.adapted_kernel(layer, view, base)
-        return view.project(inputs, ops.cast(kernel, layer.compute_dtype))
+        matrix = kernel.to_matrix(ops.cast(base, "float32"))
+        return kernel.from_matrix(self.adapted_matrix(weights, matrix))
 
-    def delta(self, layer, view, inputs, training=None):
+    def delta(self, weights, kernel, inputs, training=None):
         """The term an additive adapter adds to the layer's output."""
         raise NotImplementedError
 
-    def release(self, layer):
-        """Drops state other than what it set on `layer` (that goes anyway)."""
+    def call(self, weights, kernel, inputs, training=None):
+        """The layer's output before bias and activation.
+
+        `inputs` are what the frozen kernel takes (on an int8 layer, the
+        inputs quantized as Keras would). The default adds `delta` to the
+        frozen projection for additive methods, and otherwise projects with
+        the adapted kernel built from `kernel.dense()`.
+        """
+        if self.additive:
+            outputs = kernel.project(inputs)
+            delta = self.delta(weights, kernel, inputs, training=training)
+            return ops.add(outputs, ops.cast(delta, outputs.dtype))
+        adapted = self.adapted_kernel(weights, kernel, kernel.dense())
+        return kernel.project_with(inputs, adapted)
+
+    # Optional hooks.
+
+    @classmethod
+    def combine(cls, adapters, coefficients):
+        """The adapter equal to `sum_i coefficients[i] * adapters[i]`.
+
+        Returns the new adapter's configuration; `combined_values` then
+        gives its variables on each layer. Methods that cannot combine
+        raise `ValueError`.
+        """
+        raise ValueError(
+            f"{cls.__name__} adapters cannot be combined; combine_adapters "
+            "supports the methods "
+            f"{sorted(m for m, c in ADAPTER_METHODS.items() if _overrides(c, 'combine'))}."
+        )
+
+    def combined_values(self, parts, kernel):
+        """The variables of this combined adapter on one layer.
+
+        Args:
+            parts: `[(adapter, weights or None, coefficient)]` for the
+                combined adapters; `weights` is None where that adapter
+                does not adapt this layer.
+            kernel: the layer's frozen kernel.
+
+        Returns:
+            `{variable name: value}`.
+        """
+        raise NotImplementedError
+
+    def reference_matrix(self, values, matrix):
+        """The adapted matrix by a NumPy formula (for tests).
+
+        Args:
+            values: `{variable name: np.ndarray}`.
+            matrix: the `(d_in, d_out)` base matrix, float64.
+        """
+        raise NotImplementedError
+
+
+def _overrides(cls, name):
+    return getattr(cls, name).__func__ is not getattr(Adapter, name).__func__
+
+
+def numpy_values(weights) -> dict:
+    """`{variable name: np.ndarray}` of an adapter's weights on a layer."""
+    return {
+        name: np.asarray(ops.convert_to_numpy(variable))
+        for name, variable in weights.items()
+    }

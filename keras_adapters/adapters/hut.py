@@ -2,9 +2,9 @@
 
 from keras import ops
 
+from keras_adapters import _validation
 from keras_adapters.adapters.base import Adapter
 from keras_adapters.adapters.base import check_initializer
-from keras_adapters.adapters.base import check_number
 from keras_adapters.adapters.base import factor_initializer
 from keras_adapters.adapters.base import register_adapter
 
@@ -31,11 +31,11 @@ class HUT(Adapter):
 
     For an `EinsumDense` kernel with more than two axes, `A B` has the shape
     of the kernel viewed as a 2-D `(input axes, output axes)` matrix (see
-    `KernelView`). The modulation `1 + s A B` and its product with `W` are
-    computed in float32; the projection runs in the layer's compute dtype.
-    The adapted kernel is materialized at every call (the update is
-    elementwise in `W`, so there is no cheaper activation path); merging
-    writes the same kernel, exactly.
+    `keras_adapters.kernels.KernelView`). The modulation `1 + s A B` and its
+    product with `W` are computed in float32; the projection runs in the
+    layer's compute dtype. The adapted kernel is materialized at every call
+    (the update is elementwise in `W`, so there is no cheaper activation
+    path); merging writes the same kernel, exactly.
 
     Args:
         rank: positive int, the rank `r` of the modulation.
@@ -51,7 +51,7 @@ class HUT(Adapter):
 
     >>> import keras_adapters as ka
     >>> ka.HUT(rank=8, alpha=16)
-    HUT(rank=8, alpha=16, a_initializer='kaiming', b_initializer='zeros')
+    HUT(rank=8, alpha=16.0, a_initializer='kaiming', b_initializer='zeros')
 
     Reference:
         Zhang, Zhou and Chen, "A More Computation Efficient Fine-Tuning
@@ -60,6 +60,7 @@ class HUT(Adapter):
 
     method = "hut"
     variable_axes = {"hut_a": ("in", None), "hut_b": (None, "out")}
+    roles = {"A": "hut_a", "B": "hut_b"}
 
     def __init__(
         self,
@@ -68,13 +69,16 @@ class HUT(Adapter):
         a_initializer="kaiming",
         b_initializer="zeros",
     ):
-        check_number("rank", rank, 1, "a positive int", integer=True)
-        if alpha is not None:
-            check_number("alpha", alpha, 0, "a positive number", low_inclusive=False)
-        self.rank = rank
-        self.alpha = alpha
+        self.rank = _validation.check_positive_int("rank", rank)
+        self.alpha = _validation.check_optional_number(
+            "alpha", alpha, low=0, low_inclusive=False
+        )
         self.a_initializer = check_initializer("a_initializer", a_initializer)
         self.b_initializer = check_initializer("b_initializer", b_initializer)
+
+    @classmethod
+    def example(cls):
+        return cls(rank=2, alpha=4)
 
     @property
     def scale(self) -> float:
@@ -88,34 +92,31 @@ class HUT(Adapter):
             "b_initializer": self.b_initializer,
         }
 
-    def validate(self, layer, view):
-        if self.rank > min(view.d_in, view.d_out):
-            raise ValueError(
-                f"HUT rank {self.rank} is larger than min(d_in, d_out) = "
-                f"min({view.d_in}, {view.d_out}) of layer '{layer.path}'; use a "
-                f"rank <= {min(view.d_in, view.d_out)}."
-            )
+    def validate(self, kernel):
+        self.check_rank(self.rank, kernel)
 
-    def num_parameters(self, view):
-        return self.rank * (view.d_in + view.d_out)
+    def num_parameters(self, kernel):
+        return self.rank * (kernel.d_in + kernel.d_out)
 
-    def build(self, layer, view):
+    def build(self, kernel, factory):
         a_init = factor_initializer(self.a_initializer, self.rank)
         b_init = factor_initializer(self.b_initializer, self.rank)
-        self.add_variable(layer, "hut_a", (view.d_in, self.rank), a_init)
-        self.add_variable(layer, "hut_b", (self.rank, view.d_out), b_init)
-        return ("hut_a", "hut_b")
+        factory("hut_a", (kernel.d_in, self.rank), a_init)
+        factory("hut_b", (self.rank, kernel.d_out), b_init)
 
-    def modulation_matrix(self, layer):
+    def modulation_matrix(self, weights):
         """`1 + s A B`, the `(d_in, d_out)` multiplier of `W`, in float32."""
-        return ops.add(ops.matmul(layer.hut_a, layer.hut_b) * self.scale, 1.0)
+        return ops.add(ops.matmul(weights["hut_a"], weights["hut_b"]) * self.scale, 1.0)
 
-    def adapted_matrix(self, layer, matrix):
-        return ops.multiply(matrix, self.modulation_matrix(layer))
+    def adapted_matrix(self, weights, matrix):
+        return ops.multiply(matrix, self.modulation_matrix(weights))
 
-    def adapted_kernel(self, layer, view, kernel):
+    def adapted_kernel(self, weights, kernel, base):
         # The modulation goes to the kernel's layout (one transpose of a
         # d_in x d_out matrix at most) rather than the kernel to the 2-D view
         # and back.
-        modulation = view.from_matrix(self.modulation_matrix(layer))
-        return ops.multiply(ops.cast(kernel, "float32"), modulation)
+        modulation = kernel.from_matrix(self.modulation_matrix(weights))
+        return ops.multiply(ops.cast(base, "float32"), modulation)
+
+    def reference_matrix(self, values, matrix):
+        return matrix * (1.0 + self.scale * values["hut_a"] @ values["hut_b"])

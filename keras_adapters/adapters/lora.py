@@ -3,20 +3,14 @@
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
-from keras_adapters import quantization
-from keras_adapters.adapters.base import FACTOR_INITIALIZERS
+from keras_adapters import _validation
 from keras_adapters.adapters.base import Adapter
 from keras_adapters.adapters.base import check_initializer
-from keras_adapters.adapters.base import check_number
 from keras_adapters.adapters.base import factor_initializer
 from keras_adapters.adapters.base import register_adapter
-
-# The former module-level names; the helpers now live in base.py (shared with
-# HUT).
-_A_INITIALIZERS = FACTOR_INITIALIZERS
-_check_number = check_number
 
 
 @register_adapter
@@ -29,7 +23,7 @@ class LoRA(Adapter):
     (rank-stabilized LoRA). For an `EinsumDense` kernel with more than two
     axes, `A B` factorizes the kernel viewed as a 2-D
     `(input axes, output axes)` matrix, as PEFT does on the flattened
-    projection (see `KernelView`).
+    projection (see `keras_adapters.kernels.KernelView`).
 
     Training uses the activation path `x W + s ((dropout(x) A) B)`: the
     adapted kernel is never built, and the weight gradient of the frozen
@@ -66,6 +60,7 @@ class LoRA(Adapter):
     method = "lora"
     additive = True
     variable_axes = {"lora_a": ("in", None), "lora_b": (None, "out")}
+    roles = {"A": "lora_a", "B": "lora_b"}
 
     def __init__(
         self,
@@ -76,27 +71,21 @@ class LoRA(Adapter):
         a_initializer="kaiming",
         b_initializer="zeros",
     ):
-        _check_number("rank", rank, 1, "a positive int", integer=True)
-        if alpha is not None:
-            _check_number("alpha", alpha, 0, "a positive number", low_inclusive=False)
-        if not isinstance(use_rslora, bool):
-            raise ValueError(f"`use_rslora` must be a bool; received {use_rslora!r}.")
-        _check_number("dropout", dropout, 0, "a float in [0, 1)")
-        if dropout >= 1:
-            raise ValueError(
-                f"`dropout` must be a float in [0, 1); received {dropout!r}."
-            )
-        self.rank = rank
-        self.alpha = alpha
-        self.use_rslora = use_rslora
-        self.dropout = float(dropout)
-        self.a_initializer = self._check_initializer("a_initializer", a_initializer)
-        self.b_initializer = self._check_initializer("b_initializer", b_initializer)
+        self.rank = _validation.check_positive_int("rank", rank)
+        self.alpha = _validation.check_optional_number(
+            "alpha", alpha, low=0, low_inclusive=False
+        )
+        self.use_rslora = _validation.check_bool("use_rslora", use_rslora)
+        self.dropout = _validation.check_number(
+            "dropout", dropout, low=0, high=1, high_inclusive=False,
+            allowed="a float in [0, 1)",
+        )
+        self.a_initializer = check_initializer("a_initializer", a_initializer)
+        self.b_initializer = check_initializer("b_initializer", b_initializer)
 
-    _check_initializer = staticmethod(check_initializer)
-
-    def _initializer(self, value):
-        return factor_initializer(value, self.rank)
+    @classmethod
+    def example(cls):
+        return cls(rank=2, alpha=4, dropout=0.1)
 
     @property
     def scale(self) -> float:
@@ -113,53 +102,65 @@ class LoRA(Adapter):
             "b_initializer": self.b_initializer,
         }
 
-    def validate(self, layer, view):
-        if self.rank > min(view.d_in, view.d_out):
-            raise ValueError(
-                f"LoRA rank {self.rank} is larger than min(d_in, d_out) = "
-                f"min({view.d_in}, {view.d_out}) of layer '{layer.path}'; use a "
-                f"rank <= {min(view.d_in, view.d_out)}."
-            )
+    def validate(self, kernel):
+        self.check_rank(self.rank, kernel)
 
-    def num_parameters(self, view):
-        return self.rank * (view.d_in + view.d_out)
+    def num_parameters(self, kernel):
+        return self.rank * (kernel.d_in + kernel.d_out)
 
-    def build(self, layer, view):
-        self.add_variable(
-            layer,
-            "lora_a",
-            (view.d_in, self.rank),
-            self._initializer(self.a_initializer),
-        )
-        self.add_variable(
-            layer,
-            "lora_b",
-            (self.rank, view.d_out),
-            self._initializer(self.b_initializer),
-        )
+    def build(self, kernel, factory):
+        a_init = factor_initializer(self.a_initializer, self.rank)
+        b_init = factor_initializer(self.b_initializer, self.rank)
+        factory("lora_a", (kernel.d_in, self.rank), a_init)
+        factory("lora_b", (self.rank, kernel.d_out), b_init)
         if self.dropout > 0:
-            layer.lora_dropout_seed = keras.random.SeedGenerator()
-        return ("lora_a", "lora_b")
+            factory.seed_generator("lora_dropout_seed")
 
-    def delta_matrix(self, layer):
+    def delta_matrix(self, weights):
         """`s A B`, the `(d_in, d_out)` update, in float32."""
-        return ops.matmul(layer.lora_a, layer.lora_b) * self.scale
+        return ops.matmul(weights["lora_a"], weights["lora_b"]) * self.scale
 
-    def adapted_matrix(self, layer, matrix):
-        return matrix + self.delta_matrix(layer)
+    def adapted_matrix(self, weights, matrix):
+        return matrix + self.delta_matrix(weights)
 
-    def delta(self, layer, view, inputs, training=None):
+    def delta(self, weights, kernel, inputs, training=None):
         """`s (dropout(x) A) B` in the layer's output layout, in float32."""
         x = ops.cast(inputs, "float32")
         if training and self.dropout > 0:
-            x = keras.random.dropout(x, self.dropout, seed=layer.lora_dropout_seed)
-        hidden = view.contract_inputs(x, layer.lora_a) * self.scale
-        return view.expand_outputs(hidden, layer.lora_b)
+            x = keras.random.dropout(
+                x, self.dropout, seed=weights["lora_dropout_seed"]
+            )
+        hidden = kernel.contract_inputs(x, weights["lora_a"]) * self.scale
+        return kernel.expand_outputs(hidden, weights["lora_b"])
 
-    def call(self, layer, view, inputs, training=None):
-        # On an int8/int4 base: Keras' input quantization (if any), then the
-        # frozen kernel dequantized on the fly (keras_adapters.quantization).
-        inputs = quantization.quantize_inputs(layer, inputs)
-        outputs = quantization.base_projection(layer, view, inputs)
-        delta = self.delta(layer, view, inputs, training=training)
-        return ops.add(outputs, ops.cast(delta, outputs.dtype))
+    def reference_matrix(self, values, matrix):
+        return matrix + self.scale * values["lora_a"] @ values["lora_b"]
+
+    @classmethod
+    def combine(cls, adapters, coefficients):
+        """A LoRA whose update is `sum_i c_i s_i A_i B_i`: the factors side by
+        side (`A = [A_1, A_2, ...]`, `B = [c_1 s_1 B_1; ...]`), rank the sum of
+        the ranks, scale 1, no dropout."""
+        not_lora = [a for a in adapters if not isinstance(a, LoRA)]
+        if not_lora:
+            raise ValueError(
+                f"combine_adapters combines LoRA adapters only; {not_lora} are not "
+                "LoRA."
+            )
+        rank = sum(a.rank for a in adapters)
+        return cls(rank=rank, alpha=rank)
+
+    def combined_values(self, parts, kernel):
+        a_blocks, b_blocks = [], []
+        for adapter, weights, coefficient in parts:
+            if weights is None:
+                a_blocks.append(np.zeros((kernel.d_in, adapter.rank), "float32"))
+                b_blocks.append(np.zeros((adapter.rank, kernel.d_out), "float32"))
+                continue
+            a_blocks.append(ops.convert_to_numpy(weights["lora_a"]))
+            b = ops.convert_to_numpy(weights["lora_b"])
+            b_blocks.append(b * np.float32(coefficient * adapter.scale))
+        return {
+            "lora_a": np.concatenate(a_blocks, axis=1),
+            "lora_b": np.concatenate(b_blocks, axis=0),
+        }

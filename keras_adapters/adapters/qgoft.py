@@ -28,9 +28,10 @@ order, each block transposed), exactly and without a `d x d` matrix.
 import keras
 from keras import ops
 
-from keras_adapters import quantization
+import numpy as np
+
+from keras_adapters import _validation
 from keras_adapters.adapters.base import Adapter
-from keras_adapters.adapters.base import check_number
 from keras_adapters.adapters.base import register_adapter
 
 
@@ -128,8 +129,9 @@ class SoftOrthogonality(keras.regularizers.Regularizer):
     """
 
     def __init__(self, strength: float = 1e-3):
-        check_number("strength", strength, 0, "a positive number", low_inclusive=False)
-        self.strength = float(strength)
+        self.strength = _validation.check_number(
+            "strength", strength, low=0, low_inclusive=False
+        )
 
     def __call__(self, blocks):
         g00, g01, g10, g11 = ops.unstack(ops.reshape(blocks, (-1, 4)), 4, axis=-1)
@@ -150,56 +152,52 @@ class _GivensAdapter(Adapter):
     orthogonality = 0.0
 
     def _check_scale(self, scale):
-        if not isinstance(scale, bool):
-            raise ValueError(f"`scale` must be a bool; received {scale!r}.")
-        self.scale = scale
+        self.scale = _validation.check_bool("scale", scale)
 
-    def validate(self, layer, view):
-        if view.d_in < 2:
+    def validate(self, kernel):
+        if kernel.d_in < 2:
             raise ValueError(
                 f"{type(self).__name__} rotates the input dimension of a layer, "
-                f"which needs d_in >= 2; layer '{layer.path}' has d_in = "
-                f"{view.d_in}."
+                f"which needs d_in >= 2; layer '{kernel.path}' has d_in = "
+                f"{kernel.d_in}."
             )
 
-    def num_parameters(self, view):
-        blocks = (1 if self.strict else 4) * (view.d_in - 1)
-        return blocks + (view.d_in if self.scale else 0)
+    def num_parameters(self, kernel):
+        blocks = (1 if self.strict else 4) * (kernel.d_in - 1)
+        return blocks + (kernel.d_in if self.scale else 0)
 
-    def build(self, layer, view):
-        d = view.d_in
+    def build(self, kernel, factory):
+        d = kernel.d_in
         if self.strict:
-            names = [self.method + "_cayley"]
-            self.add_variable(layer, names[0], (d - 1,), "zeros")
+            factory(self.method + "_cayley", (d - 1,), "zeros")
         else:
-            names = [self.method + "_blocks"]
             regularizer = None
             if self.orthogonality > 0:
                 regularizer = SoftOrthogonality(self.orthogonality)
-            self.add_variable(
-                layer, names[0], (d - 1, 2, 2), _identity_blocks, regularizer
+            factory(
+                self.method + "_blocks", (d - 1, 2, 2), _identity_blocks, regularizer
             )
         if self.scale:
-            names.append(self.method + "_scale")
-            self.add_variable(layer, names[1], (d,), "ones")
-        return tuple(names)
+            factory(self.method + "_scale", (d,), "ones")
 
-    def stage_blocks(self, layer):
+    def _coefficients(self, weights):
+        """`(d - 1, 4)`: `(g00, g01, g10, g11)` of every block."""
+        if self.strict:
+            # The Cayley parameter t = tan(theta / 2): cos and sin as rational
+            # functions (see GOFT's docstring for why not the angle itself).
+            t = weights[self.method + "_cayley"]
+            inverse = 1.0 / (1.0 + t * t)
+            cos, sin = (1.0 - t * t) * inverse, 2.0 * t * inverse
+            return ops.stack([cos, -sin, sin, cos], axis=-1)
+        return ops.reshape(weights[self.method + "_blocks"], (-1, 4))
+
+    def stage_blocks(self, weights):
         """Per stage, `(g00, g01, g10, g11)` as `(pairs,)` float32 tensors.
 
         Block `i` acts on its pair `(x_i, x_j)` of a row vector as
         `(x_i, x_j) @ [[g00, g01], [g10, g11]]`.
         """
-        if self.strict:
-            # The Cayley parameter t = tan(theta / 2): cos and sin as rational
-            # functions (see GOFT's docstring for why not the angle itself).
-            t = getattr(layer, self.method + "_cayley")
-            inverse = 1.0 / (1.0 + t * t)
-            cos, sin = (1.0 - t * t) * inverse, 2.0 * t * inverse
-            coefficients = ops.stack([cos, -sin, sin, cos], axis=-1)
-        else:
-            blocks = getattr(layer, self.method + "_blocks")
-            coefficients = ops.reshape(blocks, (-1, 4))
+        coefficients = self._coefficients(weights)
         stages = givens_stages(int(coefficients.shape[0]) + 1)
         bounds, total = [], 0
         for _, pairs in stages[:-1]:
@@ -210,34 +208,52 @@ class _GivensAdapter(Adapter):
         )
         return [tuple(ops.unstack(c, 4, axis=-1)) for c in per_stage]
 
-    def _scale_vector(self, layer):
-        return getattr(layer, self.method + "_scale") if self.scale else None
+    def _scale_vector(self, weights):
+        return weights[self.method + "_scale"] if self.scale else None
 
-    def adapted_matrix(self, layer, matrix):
+    def adapted_matrix(self, weights, matrix):
         # W' = R diag(scale) W, and (R M)^T = M^T R^T.
-        scale = self._scale_vector(layer)
+        scale = self._scale_vector(weights)
         if scale is not None:
             matrix = matrix * ops.expand_dims(scale, -1)
         rows = apply_givens(
-            ops.transpose(matrix), self.stage_blocks(layer), matrix.shape[0], True
+            ops.transpose(matrix), self.stage_blocks(weights), matrix.shape[0], True
         )
         return ops.transpose(rows)
 
-    def call(self, layer, view, inputs, training=None):
-        blocks = self.stage_blocks(layer)
-        scale = self._scale_vector(layer)
+    def call(self, weights, kernel, inputs, training=None):
+        blocks = self.stage_blocks(weights)
+        scale = self._scale_vector(weights)
 
         def transform(x):
-            y = apply_givens(ops.cast(x, "float32"), blocks, view.d_in)
+            y = apply_givens(ops.cast(x, "float32"), blocks, kernel.d_in)
             if scale is not None:
                 y = y * scale
-            return ops.cast(y, layer.compute_dtype)
+            return ops.cast(y, kernel.compute_dtype)
 
-        # On an int8/int4 base: rotate the inputs Keras' quantized layer would
-        # use, then project with the dequantized frozen kernel.
-        inputs = quantization.quantize_inputs(layer, inputs)
-        rotated = view.map_inputs(inputs, transform)
-        return quantization.base_projection(layer, view, rotated)
+        return kernel.project(kernel.map_inputs(inputs, transform))
+
+    def reference_matrix(self, values, matrix):
+        """`R diag(c) W` with `R` built as a dense matrix from its stages."""
+        d = matrix.shape[0]
+        if self.strict:
+            t = values[self.method + "_cayley"]
+            cos, sin = (1 - t * t) / (1 + t * t), 2 * t / (1 + t * t)
+            coefficients = np.stack([cos, -sin, sin, cos], axis=-1)
+        else:
+            coefficients = values[self.method + "_blocks"].reshape(-1, 4)
+        rotation = np.eye(d)
+        index = 0
+        for stage in givens_pairs(d):
+            step = np.eye(d)
+            for i, j in stage:
+                g00, g01, g10, g11 = coefficients[index]
+                step[i, i], step[i, j], step[j, i], step[j, j] = g00, g01, g10, g11
+                index += 1
+            rotation = rotation @ step
+        if self.scale:
+            matrix = matrix * values[self.method + "_scale"][:, None]
+        return rotation @ matrix
 
 
 @register_adapter
@@ -291,6 +307,11 @@ class GOFT(_GivensAdapter):
     def __init__(self, scale: bool = False):
         self._check_scale(scale)
 
+    @classmethod
+    def example(cls):
+        # The scaled variant exercises the scale vector too.
+        return cls(scale=True)
+
     def get_config(self):
         return {"scale": self.scale}
 
@@ -332,9 +353,14 @@ class QGOFT(_GivensAdapter):
     variable_axes = {"qgoft_blocks": (None, None, None), "qgoft_scale": ("in",)}
 
     def __init__(self, orthogonality: float = 1e-3, scale: bool = False):
-        check_number("orthogonality", orthogonality, 0, "a number >= 0")
-        self.orthogonality = float(orthogonality)
+        self.orthogonality = _validation.check_number(
+            "orthogonality", orthogonality, low=0
+        )
         self._check_scale(scale)
+
+    @classmethod
+    def example(cls):
+        return cls(orthogonality=1e-2)
 
     def get_config(self):
         return {"orthogonality": self.orthogonality, "scale": self.scale}
