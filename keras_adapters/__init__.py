@@ -26,6 +26,7 @@ from keras_adapters.export import ExportVerificationError
 from keras_adapters.export import export_saved_model
 from keras_adapters.finetuning import FineTuningReport
 from keras_adapters.finetuning import attention_full
+from keras_adapters.merge import merge_adapters
 from keras_adapters.model import AdapterReport
 from keras_adapters.model import active_adapters
 from keras_adapters.model import adapted_layers
@@ -36,7 +37,6 @@ from keras_adapters.model import delete_adapter
 from keras_adapters.model import disable_adapters
 from keras_adapters.model import enable_adapter
 from keras_adapters.model import set_active_adapters
-from keras_adapters.merge import merge_adapters
 from keras_adapters.optimizers import role
 from keras_adapters.saving import load_adapter_weights
 from keras_adapters.saving import read_adapter_spec

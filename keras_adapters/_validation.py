@@ -125,10 +125,6 @@ def check_finite_array(name: str, value) -> np.ndarray:
         raise ValueError(
             f"`{name}` must be an array of finite numbers; received an array of "
             f"dtype {array.dtype} with shape {array.shape}"
-            + (
-                " containing NaN or inf."
-                if array.dtype.kind == "f"
-                else "."
-            )
+            + (" containing NaN or inf." if array.dtype.kind == "f" else ".")
         )
     return array

@@ -76,7 +76,8 @@ def merge_adapters(model, names=None, *, quantized=None):
         if not names:
             raise ValueError(
                 f"Model '{model.name}' has no active adapters (it has "
-                f"{model_lib.adapter_names(model)}); pass `names=` to merge inactive ones."
+                f"{model_lib.adapter_names(model)}); pass `names=` to merge "
+                "inactive ones."
             )
     names = model_lib.check_names(model, names, "names")
     layers = [

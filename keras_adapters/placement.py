@@ -262,7 +262,10 @@ def check_variable_placement(adapter, layers):
 def _check_jax_placement(layers):
     active = keras.distribution.distribution()
     for layer in layers:
-        laid_out = internals.variable_layout(frozen_kernel(layer).storage_variables()[0]) is not None
+        laid_out = (
+            internals.variable_layout(frozen_kernel(layer).storage_variables()[0])
+            is not None
+        )
         if laid_out and active is None:
             raise ValueError(
                 f"The kernel of layer '{layer.path}' was created under a "

@@ -23,8 +23,8 @@ import numpy as np
 
 from keras_adapters import layers as adapter_layers
 from keras_adapters import model as adapter_model
-from keras_adapters.kernels import quantized as quantization
 from keras_adapters import targeting
+from keras_adapters.kernels import quantized as quantization
 
 FORMAT_VERSION = 1
 _ATTRIBUTE = "keras_adapters"

@@ -20,6 +20,7 @@ from keras_adapters.roles import ATTENTION_ROLES
 from keras_adapters.roles import attention_role
 from keras_adapters.roles import check_roles
 
+
 def relative_path(root_name, path):
     """`path` without the leading `<root_name>/` that subclassed models add.
 

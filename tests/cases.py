@@ -1,8 +1,8 @@
-"""The shared test matrix: adapter methods x models.
+"""Small models for the tests, data they learn, and which layers to adapt.
 
-Adding an adapter method means adding one entry to `ADAPTERS`; every
-invariant in `test_adapter_matrix.py` then runs for it on every model here,
-under whichever Keras backend the session uses.
+The adapter methods come from the registry (`ADAPTER_METHODS`, each with its
+`example()`); `matrix.py` runs every shared invariant for them on these
+models, under whichever Keras backend the session uses.
 """
 
 import dataclasses
@@ -18,15 +18,6 @@ SEQ = 8
 VOCAB = 64
 BATCH = 16
 
-# id -> a function returning a fresh adapter configuration.
-ADAPTERS = {
-    "lora": lambda: ka.LoRA(rank=2, alpha=4, dropout=0.1),
-    "hut": lambda: ka.HUT(rank=2, alpha=4),
-    "goft": lambda: ka.GOFT(),
-    "goft_scaled": lambda: ka.GOFT(scale=True),
-    "qgoft": lambda: ka.QGOFT(orthogonality=1e-2),
-}
-
 
 @dataclasses.dataclass
 class ModelCase:
@@ -39,6 +30,8 @@ class ModelCase:
     loss: object
     # A KerasHub Task adapts its backbone; a plain model keeps these trainable.
     keep_trainable: object = None
+    # Full-batch training steps that show a clear loss decrease.
+    epochs: int = 20
 
 
 def _token_data(seed=0):
@@ -201,6 +194,15 @@ MODELS = _model_cases()
 
 def predict(model, x):
     return np.asarray(model.predict(x, verbose=0, batch_size=BATCH))
+
+
+def input_shape(view):
+    """An input shape a layer with this kernel view accepts (batch axes 2, 3)."""
+    if view.equation is None:
+        return (2, 3, view.d_in)
+    inputs, rest = view.equation.split("->")[0].split(",")
+    sizes = dict(zip(rest, view.kernel_shape, strict=True))
+    return tuple(sizes.get(c, 2 + i % 2) for i, c in enumerate(inputs))
 
 
 def max_relative_difference(a, b):

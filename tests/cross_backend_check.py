@@ -1,12 +1,16 @@
 """Loads files written under one Keras backend into models on this one.
 
 Run by `test_cross_backend.py` in a subprocess with the other backend:
-`KERAS_BACKEND=... python cross_backend_check.py DIR`. `DIR` holds, per case,
+`KERAS_BACKEND=... python cross_backend_check.py DIR [--import MODULE ...]`
+(the modules register adapter methods defined outside the library). `DIR`
+holds, per case,
 `<case>.base.weights.h5` (Keras weights of the base model), `<case>.adapter.h5`
 (the adapter file), `<case>.keras` (the adapted model) and `<case>.npz`
 (inputs and expected outputs). Exits non-zero on any mismatch.
 """
 
+import argparse
+import importlib
 import os
 import sys
 
@@ -46,4 +50,10 @@ def main(directory):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("directory")
+    parser.add_argument("--import", dest="modules", action="append", default=[])
+    args = parser.parse_args()
+    for module in args.modules:
+        importlib.import_module(module)
+    sys.exit(main(args.directory))

@@ -2,8 +2,12 @@
 
 Usage:
 
-    KERAS_BACKEND=jax python tests/distribution_check.py OUTPUT.json
-    KERAS_BACKEND=tensorflow python tests/distribution_check.py OUTPUT.json
+    KERAS_BACKEND=jax python tests/distribution_check.py OUTPUT.json \
+        --methods lora,hut [--import MODULE ...]
+
+`--methods` names registered adapter methods (each built from its
+`example()`); `--import` imports modules that register methods defined
+outside the library (a test file).
 
 Virtual devices must be configured before the backend initializes, so this
 runs in its own process: on JAX it sets
@@ -14,11 +18,11 @@ several, merges and exports, and writes what it measured to OUTPUT.json; the
 assertions live in the test.
 """
 
+import argparse
 import contextlib
+import importlib
 import json
 import os
-import re
-import sys
 import tempfile
 import time
 
@@ -55,6 +59,7 @@ import numpy as np  # noqa: E402
 
 import keras_adapters as ka  # noqa: E402
 from keras_adapters import layers as adapter_layers  # noqa: E402
+from keras_adapters.adapters.base import ADAPTER_METHODS  # noqa: E402
 from keras_adapters.kernels import frozen_kernel  # noqa: E402
 
 SEQ = 8
@@ -62,34 +67,58 @@ VOCAB = 64
 BATCH = 16
 EPOCHS = 3
 
-# One model carries all three methods, each on its own layers (two methods
-# share no layer), so that one compiled training step covers them all: the
-# machine running the tests has 2 CPU cores and each compilation for 8
-# virtual devices costs seconds.
-BERT_ADAPTERS = {
-    "lora": (lambda: ka.LoRA(rank=2, alpha=4), ka.attention("query")),
-    "hut": (lambda: ka.HUT(rank=2, alpha=4), ka.attention("value")),
-    "qgoft": (
-        lambda: ka.QGOFT(orthogonality=1e-2, scale=True),
-        ka.attention("attention_output"),
-    ),
-}
+# One model carries every method, each on its own layers where there are
+# enough (methods share no layer up to four methods), so that one compiled
+# training step covers them all: the machine running the tests has 2 CPU
+# cores and each compilation for 8 virtual devices costs seconds.
+BERT_ROLES = ("query", "value", "attention_output", "key")
 # Gemma, with KerasHub's layout map on a (batch 4, model 2) mesh: each method
 # gets a 3-D EinsumDense kernel and a 2-D one.
-GEMMA_ADAPTERS = {
-    "lora": (
-        lambda: ka.LoRA(rank=2, alpha=4),
-        [ka.attention("query"), r".*/ffw_linear"],
-    ),
-    "hut": (
-        lambda: ka.HUT(rank=2, alpha=4),
-        [ka.attention("attention_output"), r".*/ffw_gating"],
-    ),
-    "qgoft": (
-        lambda: ka.QGOFT(orthogonality=1e-2, scale=True),
-        [ka.attention("value"), r".*/ffw_gating_2"],
-    ),
+GEMMA_ROLES = ("query", "attention_output", "value", "key")
+GEMMA_MLP = (r".*/ffw_linear", r".*/ffw_gating", r".*/ffw_gating_2")
+# (input mesh axis, output mesh axis) of each adapted Gemma layer, from
+# GemmaBackbone.get_layout_map: query/key/value kernels (heads, hidden,
+# head_dim) are ("model", "batch", None), the output kernel (heads, head_dim,
+# hidden) ("model", None, "batch"), ffw_gating* ("batch", "model"),
+# ffw_linear ("model", "batch").
+GEMMA_VIEW_AXES = {
+    "attention/query": ("batch", "model"),
+    "attention/key": ("batch", "model"),
+    "attention/value": ("batch", "model"),
+    "attention/attention_output": ("model", "batch"),
+    "ffw_gating": ("batch", "model"),
+    "ffw_gating_2": ("batch", "model"),
+    "ffw_linear": ("model", "batch"),
 }
+
+
+def bert_adapters(methods):
+    return {
+        m: (m, ka.attention(BERT_ROLES[i % len(BERT_ROLES)]))
+        for i, m in enumerate(methods)
+    }
+
+
+def gemma_adapters(methods):
+    return {
+        m: (
+            m,
+            [
+                ka.attention(GEMMA_ROLES[i % len(GEMMA_ROLES)]),
+                GEMMA_MLP[i % len(GEMMA_MLP)],
+            ],
+        )
+        for i, m in enumerate(methods)
+    }
+
+
+def expected_gemma_layout(path, variable_axes):
+    """The layout the rule gives a Gemma adapter variable (test's own map)."""
+    block, *rest = path.split("/")
+    layer = "/".join(rest[:-1])
+    in_axis, out_axis = GEMMA_VIEW_AXES[layer]
+    axes = [{"in": in_axis, "out": out_axis, None: None}[a] for a in variable_axes]
+    return axes
 
 
 def bert(seed=0):
@@ -157,9 +186,13 @@ def numpy_of(variable):
     return np.asarray(keras.ops.convert_to_numpy(variable))
 
 
+def example(method):
+    return ADAPTER_METHODS[method].example()
+
+
 def enable(model, adapters):
-    for name, (make, targets) in adapters.items():
-        ka.enable_adapter(model, make(), targets=targets, name=name)
+    for name, (method, targets) in adapters.items():
+        ka.enable_adapter(model, example(method), targets=targets, name=name)
 
 
 def train(build, adapters, x, y, scope=None, jit_compile=True):
@@ -228,9 +261,14 @@ def export_difference(multi, single, inputs, scope=None):
         "relative_difference": float(np.max(np.abs(got - want)) / np.max(np.abs(want))),
         "merged_layers": len(report.merged_layers),
         "adapter_variables_exported": [
-            k for k in exported if re.search("lora_|hut_|qgoft_", k)
+            k for k in exported if any(n in k for n in adapter_variable_names())
         ],
     }
+
+
+def adapter_variable_names():
+    """Every variable name a registered method declares."""
+    return {n for cls in ADAPTER_METHODS.values() for n in cls.variable_axes}
 
 
 def spec(variable):
@@ -243,7 +281,17 @@ def layouts(variables):
     return {v.path: spec(v) for v in variables}
 
 
-def run_jax(results):
+def variable_names(methods):
+    return {m: sorted(planned_names(m)) for m in methods}
+
+
+def planned_names(method):
+    layer = keras.layers.Dense(4)
+    layer.build((None, 4))
+    return set(adapter_layers.planned_variables(layer, example(method)))
+
+
+def run_jax(results, methods):
     devices = keras.distribution.list_devices()
     results["devices"] = len(devices)
 
@@ -251,15 +299,18 @@ def run_jax(results):
     data_parallel = keras.distribution.DataParallel(devices=devices)
     x, y = bert_data()
     with timed("data parallel: one device"):
-        single, single_losses = train(bert, BERT_ADAPTERS, x, y)
+        single, single_losses = train(bert, bert_adapters(methods), x, y)
     with timed("data parallel: 8 devices"):
-        multi, multi_losses = train(bert, BERT_ADAPTERS, x, y, data_parallel.scope())
+        multi, multi_losses = train(
+            bert, bert_adapters(methods), x, y, data_parallel.scope()
+        )
     variables = ka.adapter_variables(multi)
     results["data_parallel"] = {
         "single": single_losses,
         "multi": multi_losses,
         "layouts": layouts(variables),
         "device_counts": sorted({len(v.value.sharding.device_set) for v in variables}),
+        "variables": variable_names(methods),
         "merged_difference": merged_difference(multi, single, data_parallel.scope()),
     }
 
@@ -272,35 +323,40 @@ def run_jax(results):
     )
     x, y = gemma_data()
     with timed("model parallel: one device"):
-        single, single_losses = train(gemma, GEMMA_ADAPTERS, x, y)
+        single, single_losses = train(gemma, gemma_adapters(methods), x, y)
     with timed("model parallel: 8 devices"):
-        multi, multi_losses = train(gemma, GEMMA_ADAPTERS, x, y, model_parallel.scope())
+        multi, multi_losses = train(
+            gemma, gemma_adapters(methods), x, y, model_parallel.scope()
+        )
     kernels = [layer._kernel for layer in ka.adapted_layers(multi)]
     # What adapter_layout_map's entries resolve to, for the same variables.
     extended = ka.distribution.adapter_layout_map(
         keras_hub.models.GemmaBackbone.get_layout_map(mesh)
     )
-    from_map = {}
+    from_map, expected = {}, {}
     for layer in ka.adapted_layers(multi):
         for slot in adapter_layers.slots(layer).values():
             for name, qualified in slot.attributes.items():
+                if name not in slot.adapter.variable_axes:
+                    continue  # not a variable (a seed generator)
+                axes = slot.adapter.variable_axes[name]
                 path = f"{layer.path}/{qualified}"
-                resolved = extended[path].resolve(
-                    frozen_kernel(layer), slot.adapter.variable_axes[name]
-                )
+                resolved = extended[path].resolve(frozen_kernel(layer), axes)
                 from_map[path] = list(resolved.axes)
+                expected[path] = expected_gemma_layout(path, axes)
     entry = {
         "single": single_losses,
         "multi": multi_losses,
         "kernel_layouts": layouts(kernels),
         "layouts": layouts(ka.adapter_variables(multi)),
         "layout_map_layouts": from_map,
+        "expected_layouts": expected,
     }
     with timed("model parallel: export"):
         entry["export"] = export_difference(multi, single, x, model_parallel.scope())
     with timed("model parallel: merge"):
         single = gemma()
-        enable(single, GEMMA_ADAPTERS)
+        enable(single, gemma_adapters(methods))
         entry["merged_difference"] = merged_difference(
             multi, single, model_parallel.scope()
         )
@@ -309,7 +365,7 @@ def run_jax(results):
     results["model_parallel"] = entry
 
 
-def run_tensorflow(results):
+def run_tensorflow(results, methods):
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     results["devices"] = len(devices)
     strategy = tf.distribute.MirroredStrategy(devices)
@@ -317,10 +373,12 @@ def run_tensorflow(results):
     # XLA cannot run MirroredStrategy replicas on logical CPU devices (TF
     # itself fails: keras-team/keras#19005), so both runs skip jit_compile.
     with timed("mirrored: one device"):
-        single, single_losses = train(bert, BERT_ADAPTERS, x, y, jit_compile=False)
+        single, single_losses = train(
+            bert, bert_adapters(methods), x, y, jit_compile=False
+        )
     with timed("mirrored: 2 devices"):
         multi, multi_losses = train(
-            bert, BERT_ADAPTERS, x, y, strategy.scope(), jit_compile=False
+            bert, bert_adapters(methods), x, y, strategy.scope(), jit_compile=False
         )
     entry = {
         "single": single_losses,
@@ -335,7 +393,7 @@ def run_tensorflow(results):
         entry["export"] = export_difference(multi, single, x, strategy.scope())
     with timed("mirrored: merge"):
         single = bert()
-        enable(single, BERT_ADAPTERS)
+        enable(single, bert_adapters(methods))
         entry["merged_difference"] = merged_difference(multi, single, strategy.scope())
     # Every replica holds the same merged kernel.
     entry["replicas_agree"] = all(
@@ -346,13 +404,13 @@ def run_tensorflow(results):
     results["mirrored"] = entry
 
 
-def main(output):
-    results = {"backend": BACKEND}
+def main(output, methods):
+    results = {"backend": BACKEND, "methods": methods}
     start = time.time()
     if BACKEND == "jax":
-        run_jax(results)
+        run_jax(results, methods)
     elif BACKEND == "tensorflow":
-        run_tensorflow(results)
+        run_tensorflow(results, methods)
     else:
         raise SystemExit(f"unsupported backend {BACKEND!r}")
     results["seconds"] = time.time() - start
@@ -362,4 +420,11 @@ def main(output):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output")
+    parser.add_argument("--methods", required=True)
+    parser.add_argument("--import", dest="modules", action="append", default=[])
+    args = parser.parse_args()
+    for module in args.modules:
+        importlib.import_module(module)
+    main(args.output, args.methods.split(","))

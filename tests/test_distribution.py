@@ -14,10 +14,7 @@ Two kinds of tests:
   exported SavedModel equal to one device's.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import keras
 import keras_hub
@@ -340,108 +337,6 @@ def test_enable_adapter_must_run_in_the_model_strategy_scope_on_tensorflow():
     )
 
 
-# --- Several devices, in a fresh process -----------------------------------
-
-
-@pytest.fixture(scope="module")
-def multi_device(tmp_path_factory):
-    if BACKEND not in ("jax", "tensorflow"):
-        pytest.skip(f"no multi-device check for the {BACKEND} backend")
-    output = tmp_path_factory.mktemp("distribution") / "results.json"
-    env = {**os.environ, "KERAS_BACKEND": BACKEND}
-    if BACKEND == "jax":
-        env["XLA_FLAGS"] = (
-            env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-        ).strip()
-    result = subprocess.run(
-        [sys.executable, SCRIPT, str(output)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    with open(output) as f:
-        return json.load(f)
-
-
-def _assert_same_losses(entry):
-    np.testing.assert_allclose(entry["multi"], entry["single"], rtol=1e-5, atol=1e-6)
-    # Training did something.
-    assert entry["single"][-1] < entry["single"][0]
-
-
-# (input mesh axis, output mesh axis) of each adapted Gemma layer, from
-# GemmaBackbone.get_layout_map: query/value kernels (heads, hidden, head_dim)
-# are ("model", "batch", None), the output kernel (heads, head_dim, hidden)
-# ("model", None, "batch"), ffw_gating* ("batch", "model"), ffw_linear
-# ("model", "batch").
-GEMMA_VIEW_AXES = {
-    "attention/query": ("batch", "model"),
-    "attention/value": ("batch", "model"),
-    "attention/attention_output": ("model", "batch"),
-    "ffw_gating": ("batch", "model"),
-    "ffw_gating_2": ("batch", "model"),
-    "ffw_linear": ("model", "batch"),
-}
-
-
-def _expected_gemma_layout(path):
-    block, *rest = path.split("/")
-    # A named adapter's variable is `<name>.<adapter name>`.
-    layer, name = "/".join(rest[:-1]), rest[-1].split(".")[0]
-    in_axis, out_axis = GEMMA_VIEW_AXES[layer]
-    return {
-        "lora_a": [in_axis, None],
-        "lora_b": [None, out_axis],
-        "hut_a": [in_axis, None],
-        "hut_b": [None, out_axis],
-        "qgoft_blocks": [None, None, None],
-        "qgoft_scale": [in_axis],
-    }[name]
-
-
-@jax_only
-def test_multi_device_data_parallel_on_jax(multi_device):
-    assert multi_device["devices"] == 8
-    entry = multi_device["data_parallel"]
-    _assert_same_losses(entry)
-    methods = {path.rsplit("/", 1)[1].split("_")[0] for path in entry["layouts"]}
-    assert methods == {"lora", "hut", "qgoft"}
-    # Replicated on all 8 devices.
-    assert all(all(a is None for a in s) for s in entry["layouts"].values())
-    assert entry["device_counts"] == [8]
-    assert entry["merged_difference"] <= 1e-6
-
-
-@jax_only
-def test_multi_device_model_parallel_on_jax(multi_device):
-    entry = multi_device["model_parallel"]
-    _assert_same_losses(entry)
-    assert len(entry["layouts"]) == 24  # 3 methods x 2 layers x 2 blocks x 2
-    for path, layout in entry["layouts"].items():
-        assert layout == _expected_gemma_layout(path), path
-    # adapter_layout_map's entries resolve to the same layouts.
-    assert entry["layout_map_layouts"] == entry["layouts"]
-    # Merging in place keeps the kernels' layouts and equals one device's.
-    assert entry["merged_kernel_layouts"] == entry["kernel_layouts"]
-    assert entry["merged_difference"] <= 1e-6
-    export = entry["export"]
-    assert export["merged_layers"] == 12
-    assert export["adapter_variables_exported"] == []
-    assert export["relative_difference"] <= 1e-5
-
-
-@tf_only
-def test_multi_device_mirrored_strategy_on_tensorflow(multi_device):
-    assert multi_device["devices"] == 2
-    entry = multi_device["mirrored"]
-    assert entry["replicas"] == 2
-    _assert_same_losses(entry)
-    assert len(entry["mirrored"]) == 12 and all(entry["mirrored"].values())
-    assert entry["merged_difference"] <= 1e-6
-    assert entry["replicas_agree"]
-    export = entry["export"]
-    assert export["merged_layers"] == 6
-    assert export["adapter_variables_exported"] == []
-    assert export["relative_difference"] <= 1e-5
+# Several devices (data and model parallel on 8 virtual JAX devices,
+# MirroredStrategy on TensorFlow), per adapter method: `matrix.py`'s
+# DistributionMatrix, run by test_adapter_matrix.py.

@@ -19,8 +19,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_adapters import _validation
-
 ADAPTER_METHODS = {}
 
 # Named initializers for the random factor of a low-rank adapter (LoRA's and
@@ -270,10 +268,12 @@ class Adapter:
         gives its variables on each layer. Methods that cannot combine
         raise `ValueError`.
         """
+        supported = sorted(
+            m for m, c in ADAPTER_METHODS.items() if _overrides(c, "combine")
+        )
         raise ValueError(
             f"{cls.__name__} adapters cannot be combined; combine_adapters "
-            "supports the methods "
-            f"{sorted(m for m, c in ADAPTER_METHODS.items() if _overrides(c, 'combine'))}."
+            f"supports the methods {supported}."
         )
 
     def combined_values(self, parts, kernel):

@@ -77,7 +77,11 @@ class LoRA(Adapter):
         )
         self.use_rslora = _validation.check_bool("use_rslora", use_rslora)
         self.dropout = _validation.check_number(
-            "dropout", dropout, low=0, high=1, high_inclusive=False,
+            "dropout",
+            dropout,
+            low=0,
+            high=1,
+            high_inclusive=False,
             allowed="a float in [0, 1)",
         )
         self.a_initializer = check_initializer("a_initializer", a_initializer)
@@ -127,9 +131,7 @@ class LoRA(Adapter):
         """`s (dropout(x) A) B` in the layer's output layout, in float32."""
         x = ops.cast(inputs, "float32")
         if training and self.dropout > 0:
-            x = keras.random.dropout(
-                x, self.dropout, seed=weights["lora_dropout_seed"]
-            )
+            x = keras.random.dropout(x, self.dropout, seed=weights["lora_dropout_seed"])
         hidden = kernel.contract_inputs(x, weights["lora_a"]) * self.scale
         return kernel.expand_outputs(hidden, weights["lora_b"])
 

@@ -26,9 +26,8 @@ order, each block transposed), exactly and without a `d x d` matrix.
 """
 
 import keras
-from keras import ops
-
 import numpy as np
+from keras import ops
 
 from keras_adapters import _validation
 from keras_adapters.adapters.base import Adapter

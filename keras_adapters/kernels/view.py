@@ -44,7 +44,11 @@ class KernelView:
             self.equation = equation.replace(" ", "")
             inputs, rest = self.equation.split(",")
             kernel, outputs = rest.split("->")
-            self._input_term, self._kernel_term, self._output_term = inputs, kernel, outputs
+            self._input_term, self._kernel_term, self._output_term = (
+                inputs,
+                kernel,
+                outputs,
+            )
             bad = [c for c in kernel if (c in inputs) == (c in outputs)]
             if "." in kernel or bad or len(set(kernel)) != len(kernel):
                 raise UnsupportedLayerError(
@@ -139,7 +143,9 @@ class KernelView:
         # The output axes in the order the outputs name them, ones elsewhere.
         sizes = dict(zip(self._kernel_term, self.kernel_shape, strict=True))
         out_letters = [c for c in self._kernel_term if c in self._output_term]
-        in_output_order = [c for c in self._output_term.replace("...", "") if c in sizes]
+        in_output_order = [
+            c for c in self._output_term.replace("...", "") if c in sizes
+        ]
         if in_output_order != out_letters:
             raise UnsupportedLayerError(
                 f"Equation '{self.equation}' reorders the kernel's output axes; "
