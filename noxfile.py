@@ -59,6 +59,9 @@ def lint(session):
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    # No import cycle, methods free of quantization/distribution, private
+    # Keras only in _keras_internals.py.
+    session.run("python", "tools/check_imports.py", "keras_adapters")
 
 
 @nox.session

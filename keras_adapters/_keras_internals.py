@@ -330,3 +330,32 @@ def guard_model_quantize(model, check):
 
     object.__setattr__(model, "_check_quantize_args", check_quantize_args)
     object.__setattr__(model, "_keras_adapters_quantize_guard", True)
+
+
+def optimizer_variable_index(optimizer, variable):
+    """The index of `variable` among the variables `optimizer` was built for."""
+    return optimizer._get_variable_index(variable)
+
+
+def optimizer_iterations_variable(optimizer):
+    """The variable counting `optimizer`'s iterations (what
+    `apply_gradients` returns)."""
+    return optimizer._iterations
+
+
+def override_optimizer_updates(optimizer, wrap_update_step, wrap_weight_decay):
+    """Routes one optimizer instance's updates through wrappers.
+
+    Every Keras optimizer updates variable `v` in
+    `update_step(gradient, v, learning_rate)` and applies decoupled weight
+    decay in `_apply_weight_decay(variables)`. The instance gets its own
+    versions: `wrap_update_step(original)` and `wrap_weight_decay(original)`
+    return them, `original` being the class's method bound to `optimizer`.
+    """
+    cls = type(optimizer)
+    update_step = cls.update_step.__get__(optimizer)
+    apply_weight_decay = cls._apply_weight_decay.__get__(optimizer)
+    object.__setattr__(optimizer, "update_step", wrap_update_step(update_step))
+    object.__setattr__(
+        optimizer, "_apply_weight_decay", wrap_weight_decay(apply_weight_decay)
+    )

@@ -31,10 +31,22 @@ import weakref
 import keras
 from keras import ops
 
+from keras_adapters import _keras_internals as internals
 from keras_adapters import roles
 from keras_adapters import targeting
+from keras_adapters.adapters.base import ADAPTER_METHODS
 
 variable_role = roles.path_role
+
+
+def _factor_role_names(role_name):
+    """The variable names adapter methods declare under `role_name`
+    (`Adapter.roles`, such as LoRA's `{"B": "lora_b"}`)."""
+    return {
+        cls.roles[role_name]
+        for cls in ADAPTER_METHODS.values()
+        if role_name in cls.roles
+    }
 
 
 class Role:
@@ -61,7 +73,8 @@ class Role:
         if self.is_attention_role:
             return variable_role(path) == self.name
         # A named adapter's variables are `<name>.<adapter name>`.
-        return path.rsplit("/", 1)[-1].split(".", 1)[0] == self.name
+        name = path.rsplit("/", 1)[-1].split(".", 1)[0]
+        return name == self.name or name in _factor_role_names(self.name)
 
     def __eq__(self, other):
         return isinstance(other, Role) and other.name == self.name
@@ -81,13 +94,15 @@ def role(name: str) -> Role:
     attention projections with that role, on every architecture
     `ka.attention()` supports: the adapter variables of an adapted
     projection, or the kernel and bias of a projection fine-tuned in full
-    (`ka.attention_full`). Any other name selects adapter variables by name:
-    `role("lora_b")` is every LoRA `B` factor, `role("lora_a")` every `A`.
+    (`ka.attention_full`). A factor role that adapter methods declare in
+    `Adapter.roles` selects those variables of every method: `role("B")` is
+    every `B` factor (LoRA's `lora_b`), `role("A")` every `A`. Any other name
+    selects adapter variables by name: `role("lora_b")`, `role("hut_a")`.
 
     Args:
         name: an attention role (`"query"`, `"key"`, `"value"`,
-            `"attention_output"`) or an adapter variable name (`"lora_a"`,
-            `"lora_b"`, `"hut_b"`, ...).
+            `"attention_output"`), a factor role (`"A"`, `"B"`), or an
+            adapter variable name (`"lora_a"`, `"lora_b"`, `"hut_b"`, ...).
 
     Returns:
         A rule for `ka.optimizers.lr_multipliers`.
@@ -362,7 +377,7 @@ class LearningRateMultipliers(keras.optimizers.Optimizer):
                 f"Optimizer '{self.name}' is not built; its multipliers are "
                 "resolved by build(variables), which compile/fit call."
             )
-        index = self.inner_optimizer._get_variable_index(variable)
+        index = internals.optimizer_variable_index(self.inner_optimizer, variable)
         return self.multipliers[index]
 
     def _install_hooks(self):
@@ -377,37 +392,40 @@ class LearningRateMultipliers(keras.optimizers.Optimizer):
         """
         inner = self.inner_optimizer
         multipliers = self.multipliers
-        update_step = type(inner).update_step
-        apply_weight_decay = type(inner)._apply_weight_decay
         scale_weight_decay = self.scale_weight_decay
 
         def multiplier(variable):
-            return multipliers[inner._get_variable_index(variable)]
+            return multipliers[internals.optimizer_variable_index(inner, variable)]
 
-        def scaled_update_step(gradient, variable, learning_rate):
-            m = multiplier(variable)
-            if m != 1.0:
-                learning_rate = ops.multiply(learning_rate, m)
-            return update_step(inner, gradient, variable, learning_rate)
+        def wrap_update_step(update_step):
+            def scaled_update_step(gradient, variable, learning_rate):
+                m = multiplier(variable)
+                if m != 1.0:
+                    learning_rate = ops.multiply(learning_rate, m)
+                return update_step(gradient, variable, learning_rate)
 
-        def scaled_apply_weight_decay(variables):
-            weight_decay = inner.weight_decay
-            if not scale_weight_decay or weight_decay is None:
-                return apply_weight_decay(inner, variables)
-            groups = {}
-            for variable in variables:
-                groups.setdefault(multiplier(variable), []).append(variable)
-            for m, group in groups.items():
-                # Keras decays `v -= v * weight_decay * learning_rate`; the
-                # group's rate is `learning_rate * m`.
-                inner.weight_decay = weight_decay * m
-                try:
-                    apply_weight_decay(inner, group)
-                finally:
-                    inner.weight_decay = weight_decay
+            return scaled_update_step
 
-        object.__setattr__(inner, "update_step", scaled_update_step)
-        object.__setattr__(inner, "_apply_weight_decay", scaled_apply_weight_decay)
+        def wrap_weight_decay(apply_weight_decay):
+            def scaled_apply_weight_decay(variables):
+                weight_decay = inner.weight_decay
+                if not scale_weight_decay or weight_decay is None:
+                    return apply_weight_decay(variables)
+                groups = {}
+                for variable in variables:
+                    groups.setdefault(multiplier(variable), []).append(variable)
+                for m, group in groups.items():
+                    # Keras decays `v -= v * weight_decay * learning_rate`;
+                    # the group's rate is `learning_rate * m`.
+                    inner.weight_decay = weight_decay * m
+                    try:
+                        apply_weight_decay(group)
+                    finally:
+                        inner.weight_decay = weight_decay
+
+            return scaled_apply_weight_decay
+
+        internals.override_optimizer_updates(inner, wrap_update_step, wrap_weight_decay)
 
     def apply(self, grads, trainable_variables=None):
         if not self.built:
@@ -422,7 +440,7 @@ class LearningRateMultipliers(keras.optimizers.Optimizer):
     def apply_gradients(self, grads_and_vars):
         grads, trainable_variables = zip(*grads_and_vars, strict=True)
         self.apply(grads, trainable_variables)
-        return self.inner_optimizer._iterations
+        return internals.optimizer_iterations_variable(self.inner_optimizer)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         if not self.built:
@@ -584,7 +602,9 @@ def _check_ratio(name, value):
 def loraplus(optimizer, ratio: float = 16.0, *, scale_weight_decay=True):
     """LoRA+: the LoRA `B` factors learn `ratio` times faster than `A`.
 
-    Every variable named `lora_b` gets multiplier `ratio`; everything else
+    Every `B` factor gets multiplier `ratio`: the variables that adapter
+    methods declare under the role `"B"` (`Adapter.roles`; LoRA's `lora_b`,
+    also under other adapter names, `lora_b.<name>`). Everything else
     (the `A` factors, a trained head) keeps the base rate, so the base
     learning rate is LoRA+'s eta_A. LoRA+ recommends `ratio = 16` (2^4) as a
     default; larger for harder tasks, with a lower base rate.
@@ -611,7 +631,7 @@ def loraplus(optimizer, ratio: float = 16.0, *, scale_weight_decay=True):
     """
     ratio = _check_ratio("ratio", ratio)
     return lr_multipliers(
-        optimizer, {role("lora_b"): ratio}, scale_weight_decay=scale_weight_decay
+        optimizer, {role("B"): ratio}, scale_weight_decay=scale_weight_decay
     )
 
 

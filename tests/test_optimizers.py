@@ -365,7 +365,7 @@ def test_a_rule_matching_nothing_is_an_error_at_build_time():
     with pytest.raises(ValueError, match="head/kernel"):  # lists the variables
         _built({"heads/.*": 2.0})
     # LoRA+ on a model without LoRA.
-    with pytest.raises(ValueError, match=r"role\('lora_b'\)"):
+    with pytest.raises(ValueError, match=r"role\('B'\)"):
         kopt.loraplus(keras.optimizers.SGD(LR)).build(model.trainable_variables)
     # attention_lr for a role without trainable variables.
     lora, _ = _bert_lora()

@@ -60,7 +60,6 @@ class HUT(Adapter):
 
     method = "hut"
     variable_axes = {"hut_a": ("in", None), "hut_b": (None, "out")}
-    roles = {"A": "hut_a", "B": "hut_b"}
 
     def __init__(
         self,
