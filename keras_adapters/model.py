@@ -342,11 +342,28 @@ def _freeze_all_but_adapters(model):
     for layer, _ in internals.layers_with_parents(model):
         if targeting.relative_path(model.name, layer.path) in kept_paths:
             keep |= {id(v) for v in layer.weights}
-    # A frozen ancestor would hide the adapters from `trainable_weights`, so
-    # every layer is marked trainable and freezing happens per variable.
+    freeze_all_but(model, keep - _quantized_storage(model))
+
+
+def freeze_all_but(model, keep):
+    """Makes exactly the variables whose ids are in `keep` trainable.
+
+    Layers are made trainable all the way down and freezing happens per
+    variable: a frozen ancestor would hide the chosen variables from
+    `trainable_weights`. Only variables created trainable can become
+    trainable (normalization statistics stay non-trainable). It goes
+    through `trainable = False` first because on the TensorFlow backend
+    `layer.trainable = True` on a layer that is already trainable is skipped
+    (Keras' tracking short-circuits `self.x = value` when `self.x is
+    value`), which would leave frozen variables frozen.
+
+    Args:
+        model: a Keras model.
+        keep: a set of `id(variable)`.
+    """
+    model.trainable = False
     model.trainable = True
-    keep -= _quantized_storage(model)  # int kernels stay frozen
-    for variable in model.weights:
+    for variable in model.trainable_weights:
         variable.trainable = id(variable) in keep
 
 

@@ -23,8 +23,6 @@ See `docs/per_matrix_learning_rates.md`.
 """
 
 import copy
-import math
-import numbers
 import re
 import weakref
 
@@ -32,6 +30,7 @@ import keras
 from keras import ops
 
 from keras_adapters import _keras_internals as internals
+from keras_adapters import _validation
 from keras_adapters import roles
 from keras_adapters import targeting
 from keras_adapters.adapters.base import ADAPTER_METHODS
@@ -166,17 +165,13 @@ def _rule(key):
 
 
 def _check_multiplier(rule, value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(
-            f"The multiplier of rule {rule!r} must be a finite number > 0; "
-            f"received {value!r}."
-        )
-    return float(value)
+    return _validation.check_number(
+        f"multiplier of rule {rule!r}",
+        value,
+        low=0,
+        low_inclusive=False,
+        allowed="a finite number > 0",
+    )
 
 
 def _parse(multipliers):
@@ -277,10 +272,9 @@ class LearningRateMultipliers(keras.optimizers.Optimizer):
                 f"LearningRateMultipliers does not take {sorted(kwargs)}; set "
                 "them on the wrapped optimizer."
             )
-        if not isinstance(scale_weight_decay, bool):
-            raise ValueError(
-                f"`scale_weight_decay` must be a bool; received {scale_weight_decay!r}."
-            )
+        scale_weight_decay = _validation.check_bool(
+            "scale_weight_decay", scale_weight_decay
+        )
         rule_set = _parse(multipliers)
         rule_sets, wrapper = (), None
         if isinstance(optimizer, LearningRateMultipliers):
@@ -589,14 +583,9 @@ def lr_multipliers(optimizer, multipliers, *, scale_weight_decay=True):
 
 
 def _check_ratio(name, value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"`{name}` must be a finite number > 0; received {value!r}.")
-    return float(value)
+    return _validation.check_number(
+        name, value, low=0, low_inclusive=False, allowed="a finite number > 0"
+    )
 
 
 def loraplus(optimizer, ratio: float = 16.0, *, scale_weight_decay=True):
