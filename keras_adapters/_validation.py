@@ -42,7 +42,7 @@ def check_number(
             the other arguments by default.
 
     Returns:
-        `int(value)` or `float(value)`.
+        `int(value)` for an integer, `float(value)` otherwise.
 
     Raises:
         ValueError: naming `name`, the accepted values and `value`.
@@ -57,7 +57,8 @@ def check_number(
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind):
         raise _received(name, allowed, value)
-    value = int(value) if integer else float(value)
+    # Integers stay integers (a config keeps `alpha=16` as written).
+    value = int(value) if isinstance(value, numbers.Integral) else float(value)
     if not math.isfinite(value):
         raise _received(name, allowed, value)
     if low is not None and (value < low or (value == low and not low_inclusive)):

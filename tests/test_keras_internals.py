@@ -74,3 +74,119 @@ def test_layers_with_parents_walks_nested_layers_once():
     assert ("mha", model.name) in names
     assert ("query", "mha") in names and ("attention_output", "mha") in names
     assert len({id(layer) for layer, _ in pairs}) == len(pairs)
+
+
+def test_add_variable_gives_the_layer_path_a_regularizer_and_float32():
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(3, name="proj")(inputs)
+    model = keras.Model(inputs, outputs)
+    layer = model.get_layer("proj")
+    penalty = keras.regularizers.L2(0.5)
+    variable = internals.add_variable(
+        layer, "extra.a", (4, 2), keras.initializers.Ones(), regularizer=penalty
+    )
+    assert variable.path == f"{layer.path}/extra.a"
+    assert variable.dtype == "float32" and not variable._autocast
+    assert variable.trainable and any(v is variable for v in layer.trainable_weights)
+    assert getattr(layer, "extra.a") is variable
+    # The regularizer reaches the layer's (and the model's) losses.
+    model(np.zeros((1, 4), "float32"))
+    losses = [float(keras.ops.convert_to_numpy(loss)) for loss in layer.losses]
+    assert losses == [pytest.approx(0.5 * 8.0)]
+    internals.untrack_variable(layer, variable)
+    internals.untrack_attribute(layer, "extra.a")
+    assert [v.name for v in layer.weights] == ["kernel", "bias"]
+
+
+def test_kernel_variable_is_the_stored_kernel():
+    layer = keras.layers.EinsumDense("ab,bc->ac", output_shape=(3,))
+    layer.build((None, 2))
+    assert internals.kernel_variable(layer) is layer._kernel
+    assert internals.kernel_variable(layer).path.endswith("/kernel")
+
+
+def test_quantize_hooks_route_quantized_calls_and_refuse_quantizing():
+    class Hooked(internals.QuantizeHooks):
+        def call(self, inputs):
+            return super().call(inputs) + 1.0
+
+        def _refuse_quantize_error(self):
+            return ValueError("refused")
+
+    layer = keras.layers.Dense(2)
+    layer.build((None, 2))
+    internals.switch_class(layer, Hooked, serialize_as_base=True)
+    x = np.ones((1, 2), "float32")
+    # Keras' `quantize` checks its arguments with `_check_quantize_args`
+    # before changing anything.
+    with pytest.raises(ValueError, match="refused"):
+        layer.quantize("int8")
+    assert layer.quantization_mode is None
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer.quantized_call(x)),
+        keras.ops.convert_to_numpy(layer.call(x)),
+    )
+    internals.restore_class(layer)
+
+
+def test_guard_model_quantize_runs_before_keras_changes_anything():
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="proj")(inputs))
+    calls = []
+
+    def refuse(m):
+        calls.append(m)
+        raise ValueError("not now")
+
+    internals.guard_model_quantize(model, refuse)
+    internals.guard_model_quantize(model, refuse)  # once per model
+    with pytest.raises(ValueError, match="not now"):
+        model.quantize("int8")
+    assert calls == [model]
+    assert model.get_layer("proj").quantization_mode is None
+
+
+def test_override_optimizer_updates_routes_update_step_and_weight_decay():
+    variable = keras.Variable(np.ones((2,), "float32"))
+    optimizer = keras.optimizers.AdamW(0.1, weight_decay=0.5)
+    optimizer.build([variable])
+    assert internals.optimizer_variable_index(optimizer, variable) == 0
+    seen = []
+
+    def wrap_update_step(original):
+        def update_step(gradient, var, learning_rate):
+            seen.append("update")
+            return original(gradient, var, learning_rate)
+
+        return update_step
+
+    def wrap_weight_decay(original):
+        def apply_weight_decay(variables):
+            seen.append("decay")
+            return original(variables)
+
+        return apply_weight_decay
+
+    internals.override_optimizer_updates(optimizer, wrap_update_step, wrap_weight_decay)
+    optimizer.apply([keras.ops.ones((2,))], [variable])
+    assert seen == ["decay", "update"]
+    iterations = internals.optimizer_iterations_variable(optimizer)
+    assert int(keras.ops.convert_to_numpy(iterations)) == 1
+
+
+def test_reset_compiled_functions_drops_a_causal_lm_generate_function():
+    import keras_hub
+
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=16,
+        num_layers=1,
+        num_heads=1,
+        hidden_dim=4,
+        intermediate_dim=8,
+        max_sequence_length=4,
+    )
+    lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    lm.make_generate_function()
+    assert lm.generate_function is not None
+    internals.reset_compiled_functions(lm)
+    assert lm.generate_function is None

@@ -51,7 +51,7 @@ class HUT(Adapter):
 
     >>> import keras_adapters as ka
     >>> ka.HUT(rank=8, alpha=16)
-    HUT(rank=8, alpha=16.0, a_initializer='kaiming', b_initializer='zeros')
+    HUT(rank=8, alpha=16, a_initializer='kaiming', b_initializer='zeros')
 
     Reference:
         Zhang, Zhou and Chen, "A More Computation Efficient Fine-Tuning

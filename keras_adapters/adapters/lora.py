@@ -48,8 +48,8 @@ class LoRA(Adapter):
 
     >>> import keras_adapters as ka
     >>> lora = ka.LoRA(rank=8, alpha=16, use_rslora=True)
-    >>> lora.scale  # alpha / sqrt(rank)
-    5.656854249492381
+    >>> round(lora.scale, 6)  # alpha / sqrt(rank)
+    5.656854
 
     Reference:
         Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models",
@@ -76,13 +76,15 @@ class LoRA(Adapter):
             "alpha", alpha, low=0, low_inclusive=False
         )
         self.use_rslora = _validation.check_bool("use_rslora", use_rslora)
-        self.dropout = _validation.check_number(
-            "dropout",
-            dropout,
-            low=0,
-            high=1,
-            high_inclusive=False,
-            allowed="a float in [0, 1)",
+        self.dropout = float(
+            _validation.check_number(
+                "dropout",
+                dropout,
+                low=0,
+                high=1,
+                high_inclusive=False,
+                allowed="a float in [0, 1)",
+            )
         )
         self.a_initializer = check_initializer("a_initializer", a_initializer)
         self.b_initializer = check_initializer("b_initializer", b_initializer)

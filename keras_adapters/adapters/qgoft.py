@@ -128,8 +128,8 @@ class SoftOrthogonality(keras.regularizers.Regularizer):
     """
 
     def __init__(self, strength: float = 1e-3):
-        self.strength = _validation.check_number(
-            "strength", strength, low=0, low_inclusive=False
+        self.strength = float(
+            _validation.check_number("strength", strength, low=0, low_inclusive=False)
         )
 
     def __call__(self, blocks):
@@ -352,8 +352,8 @@ class QGOFT(_GivensAdapter):
     variable_axes = {"qgoft_blocks": (None, None, None), "qgoft_scale": ("in",)}
 
     def __init__(self, orthogonality: float = 1e-3, scale: bool = False):
-        self.orthogonality = _validation.check_number(
-            "orthogonality", orthogonality, low=0
+        self.orthogonality = float(
+            _validation.check_number("orthogonality", orthogonality, low=0)
         )
         self._check_scale(scale)
 
