@@ -107,8 +107,24 @@ def benchmarks(session, backend):
 
 @nox.session
 def docs(session):
-    """Checks that docs/ and docstring examples match the code."""
-    _install(session)
+    """Checks docs/ against the code, builds the site, and tests it in a browser.
+
+    1. `docs/test_docs.py` (snippets run and their printed output compared,
+       references, links) and the docstring examples of `keras_adapters`;
+    2. `mkdocs build --strict` into `site/` (a broken link, a missing API
+       reference or a docstring that fails to render fails the build);
+    3. `docs/test_site.py`: serves `site/` on 127.0.0.1 and opens it in headless
+       Chromium (Debian's `chromium`; skipped, saying so, when not installed);
+       screenshots go to `site/_screenshots/`.
+
+    `nox -s docs -- serve` serves the site with live reload instead.
+    """
+    _install(session, extras="dev,docs")
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", "--dev-addr", "127.0.0.1:8000")
+        return
     session.run(
         "pytest", "-q", "--doctest-modules", "keras_adapters", "docs/test_docs.py"
     )
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site")
+    session.run("pytest", "-q", "-rs", "docs/test_site.py")
