@@ -140,12 +140,20 @@ def docs(session):
     """
     _install(session, extras="dev,docs")
     if session.posargs[:1] == ["serve"]:
-        session.run("mkdocs", "serve", "--dev-addr", "127.0.0.1:8000")
+        session.run(
+            "mkdocs",
+            "serve",
+            "--dev-addr",
+            "127.0.0.1:8000",
+            env={"NO_MKDOCS_2_WARNING": "1"},
+        )
         return
     session.run(
         "pytest", "-q", "--doctest-modules", "keras_adapters", "docs/test_docs.py"
     )
-    session.run("mkdocs", "build", "--strict", "--site-dir", "site")
+    # (NO_MKDOCS_2_WARNING: Material's banner about MkDocs 2.0, not about us.)
+    quiet = {"NO_MKDOCS_2_WARNING": "1"}
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", env=quiet)
     session.run("pytest", "-q", "-rs", "docs/test_site.py")
 
 
