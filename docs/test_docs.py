@@ -16,11 +16,32 @@ Checks:
    `train_ds`). Only `python` blocks run; `text`, `bash` and other blocks
    never do. Every `python` block, skipped or not, of every page and the
    README must compile.
-3. Every relative link in `docs/**/*.md` and `README.md` points to an
+   The README's python blocks run too (`test_readme_runs`).
+3. Printed output: a ```text block that directly follows a run ```python
+   block (only blank lines, or the mark below, between them) is that block's
+   expected output.
+   What the block prints must match it after this normalization:
+   - whitespace: lines are stripped, runs of spaces become one space, blank
+     lines are dropped;
+   - `...` in the expected text matches any text (also across lines), as
+     doctest's ELLIPSIS does;
+   - integers (`22,098`, `4`) must be equal;
+   - a number with a decimal point or an exponent (`4.79`, `1.2e-05`) matches
+     a printed number within one unit of its last written digit (`4.79`
+     accepts 4.78 to 4.80), so the docs may round;
+   - after a `<!-- output: numbers vary -->` line (measured errors, timings),
+     every such decimal number matches any number.
+   A ```text block after a skipped block, or after prose, is not compared.
+4. Every relative link in `docs/**/*.md` and `README.md` points to an
    existing file or directory.
+5. `docs/api/*.md` has a `::: keras_adapters.<name>` entry for every name of
+   `keras_adapters.__all__` and every public submodule, through public paths
+   only (the site's API reference; `mkdocs build --strict` renders them).
 """
 
+import contextlib
 import importlib
+import io
 import pathlib
 import re
 
@@ -43,6 +64,7 @@ RUNNABLE_PAGES = sorted(
 )
 
 SKIP_MARK = "<!-- skip -->"
+VARY_MARK = "<!-- output: numbers vary -->"
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 REFERENCE = re.compile(r"(?<![\w.])(ka|keras_adapters)((?:\.[A-Za-z_]\w*)+)")
 LINK = re.compile(r"(?<!\\)\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -54,8 +76,18 @@ def _rel(path):
 
 def _blocks(text):
     """`[(language, first code line number (1-based), code, skipped)]`."""
+    return [block[:4] for block in _fenced(text)]
+
+
+def _fenced(text):
+    """`[(language, first code line, code, skipped, mark, follows_block)]`.
+
+    `mark` is the last non-blank line before the opening fence; `follows_block`
+    is true when only blank lines (and a `VARY_MARK`) separate the fence from
+    the previous block.
+    """
     lines = text.splitlines()
-    blocks, i = [], 0
+    blocks, i, previous_end = [], 0, None
     while i < len(lines):
         match = FENCE.match(lines[i])
         if not match:
@@ -63,7 +95,10 @@ def _blocks(text):
             continue
         indent, fence, language = match.groups()
         previous = [line.strip() for line in lines[:i] if line.strip()]
-        skipped = bool(previous) and previous[-1] == SKIP_MARK
+        mark = previous[-1] if previous else ""
+        follows = previous_end is not None and all(
+            line.strip() in ("", VARY_MARK) for line in lines[previous_end + 1 : i]
+        )
         start = i + 1
         i = start
         while i < len(lines) and not (
@@ -75,9 +110,71 @@ def _blocks(text):
             line[len(indent) :] if line.startswith(indent) else line
             for line in lines[start:i]
         )
-        blocks.append((language.lower(), start + 1, code, skipped))
+        blocks.append(
+            (language.lower(), start + 1, code, mark == SKIP_MARK, mark, follows)
+        )
+        previous_end = i
         i += 1
     return blocks
+
+
+def _runnable(text):
+    """`[(first code line, code, expected output or None, numbers vary)]`."""
+    blocks = _fenced(text)
+    run = []
+    for k, (language, line, code, skipped, _, _) in enumerate(blocks):
+        if language != "python" or skipped:
+            continue
+        expected, vary = None, False
+        if k + 1 < len(blocks):
+            next_language, _, next_code, _, mark, follows = blocks[k + 1]
+            if follows and next_language == "text":
+                expected, vary = next_code, mark == VARY_MARK
+        run.append((line, code, expected, vary))
+    return run
+
+
+NUMBER = re.compile(
+    r"(?<![\w.])[-+]?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.\d+)(?![\w.])"
+)
+ANY_NUMBER = r"([-+]?(?:nan|inf|\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?))"
+
+
+def _normalize(text):
+    lines = (" ".join(line.split()) for line in text.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def _tolerance(written):
+    """One unit of the last written digit of `written` (`4.79` -> 0.01)."""
+    mantissa, _, exponent = written.lower().partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    return 10.0 ** (int(exponent or 0) - decimals)
+
+
+def output_matches(expected, printed, vary=False):
+    """Whether `printed` matches the documented `expected` output (see above)."""
+    expected, printed = _normalize(expected), _normalize(printed)
+    pattern, numbers, position = [], [], 0
+    tokens = re.compile(r"\.\.\.|" + NUMBER.pattern)
+    for match in tokens.finditer(expected):
+        pattern.append(re.escape(expected[position : match.start()]))
+        if match.group() == "...":
+            pattern.append(".*?")
+        else:
+            pattern.append(ANY_NUMBER)
+            numbers.append(match.group())
+        position = match.end()
+    pattern.append(re.escape(expected[position:]))
+    found = re.fullmatch("".join(pattern), printed, re.DOTALL)
+    if found is None:
+        return False
+    if vary:
+        return True
+    for written, value in zip(numbers, found.groups(), strict=True):
+        if abs(float(value) - float(written)) > _tolerance(written) * 1.0001:
+            return False
+    return True
 
 
 def _without_code(text):
@@ -146,6 +243,38 @@ def test_index_lists_the_public_api():
     assert not unlisted, f"docs/index.md does not list {unlisted}"
 
 
+PUBLIC_SUBMODULES = [
+    "optimizers",
+    "interop",
+    "quantization",
+    "distribution",
+    "calibration",
+    "workflows",
+]
+
+
+def test_api_reference_covers_the_public_api():
+    """Every public name has a `::: keras_adapters.<name>` entry under docs/api/.
+
+    Entries name public paths only (`keras_adapters.LoRA`, not the module that
+    defines it), so the reference survives moves of internal modules.
+    """
+    entries = set()
+    for page in sorted((DOCS / "api").glob("*.md")):
+        entries.update(
+            re.findall(r"^:::\s+(keras_adapters(?:\.\w+)*)\s*$", page.read_text(), re.M)
+        )
+    expected = {f"keras_adapters.{name}" for name in keras_adapters.__all__}
+    expected |= {f"keras_adapters.{name}" for name in PUBLIC_SUBMODULES}
+    assert not expected - entries, f"no API entry for {sorted(expected - entries)}"
+    internal = {
+        entry
+        for entry in entries
+        if entry.count(".") > 1 or entry.split(".")[1] not in keras_adapters.__all__
+    }
+    assert not internal, f"API entries through internal paths: {sorted(internal)}"
+
+
 def test_relative_links_resolve():
     broken = []
     for page in PAGES:
@@ -179,15 +308,57 @@ def clean_keras(tmp_path, monkeypatch):
     keras.backend.clear_session()
 
 
+def _run_page(page, text, namespace):
+    mismatches = []
+    for line, code, expected, vary in _runnable(text):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            # Padding keeps line numbers in tracebacks equal to the page's.
+            exec(compile("\n" * (line - 1) + code, str(page), "exec"), namespace)
+        if expected is not None and not output_matches(
+            expected, printed.getvalue(), vary
+        ):
+            mismatches.append(
+                f"{_rel(page)}:{line}: the block printed\n{printed.getvalue()}"
+                f"but the page shows\n{expected}\n"
+            )
+    assert not mismatches, "printed output differs from the docs:\n" + "\n".join(
+        mismatches
+    )
+
+
 @pytest.mark.parametrize("name", RUNNABLE_PAGES)
 def test_runnable_blocks(name, clean_keras):
     page = DOCS / name
-    blocks = [
-        (line, code)
-        for language, line, code, skipped in _blocks(page.read_text())
-        if language == "python" and not skipped
-    ]
-    namespace = {"__name__": "__docs__"}
-    for line, code in blocks:
-        # Padding keeps line numbers in tracebacks equal to the page's.
-        exec(compile("\n" * (line - 1) + code, str(page), "exec"), namespace)
+    _run_page(page, page.read_text(), {"__name__": "__docs__"})
+
+
+def test_readme_runs(clean_keras):
+    """The README's python blocks run as written and print what it shows."""
+    readme = ROOT / "README.md"
+    _run_page(readme, readme.read_text(), {"__name__": "__docs__"})
+
+
+@pytest.mark.parametrize(
+    "expected, printed, vary, result",
+    [
+        ("a  b\n\n c", "a b\nc\n", False, True),
+        (
+            "trainable 1,058 of 22,098 (4.79%)",
+            "trainable 1,058 of 22,098 (4.79%)",
+            0,
+            1,
+        ),
+        ("trainable 1,058 of 22,098", "trainable 1,058 of 22,099", False, False),
+        ("(4.79%)", "(4.8%)", False, True),
+        ("(4.79%)", "(4.81%)", False, False),
+        ("error 7.2e-05", "error 7.19e-05", False, True),
+        ("error 7.2e-05", "error 9.1e-05", False, False),
+        ("error 7.2e-05", "error 9.1e-05", True, True),
+        ("['a', ..., 'z']", "['a', 'b', 'c', 'z']", False, True),
+        ("x\n...\nz", "x\ny\ny\nz", False, True),
+        ("x", "x\ny", False, False),
+    ],
+)
+def test_output_comparison(expected, printed, vary, result):
+    assert output_matches(expected, printed, vary) == bool(result)

@@ -35,6 +35,12 @@ KERAS_BACKEND=tensorflow python examples/attention_lr_study.py --quick
 ```
 """
 
+# First, before TensorFlow, Keras and JAX load: drop TensorFlow's start-up
+# noise from stderr, and nothing else (see _quiet_start.py).
+import _quiet_start
+
+_quiet_start.hide_tensorflow_noise()
+
 import argparse
 import json
 import math

@@ -42,6 +42,12 @@ python examples/lp_ft.py --quick  # smoke run
 ```
 """
 
+# First, before TensorFlow, Keras and JAX load: drop TensorFlow's start-up
+# noise from stderr, and nothing else (see _quiet_start.py).
+import _quiet_start
+
+_quiet_start.hide_tensorflow_noise()
+
 import argparse
 import json
 import os

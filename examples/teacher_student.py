@@ -35,6 +35,12 @@ python examples/teacher_student.py --quick  # about a minute
 ```
 """
 
+# First, before TensorFlow, Keras and JAX load: drop TensorFlow's start-up
+# noise from stderr, and nothing else (see _quiet_start.py).
+import _quiet_start
+
+_quiet_start.hide_tensorflow_noise()
+
 import argparse
 import json
 import os
