@@ -762,14 +762,19 @@ class _AdaptedModel:
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        groups = [AdapterGroup.from_config(g) for g in config["adapters"]]
+        active = config.get("active")
+        names = [g.name for g in groups]
+        unknown = [n for n in active or () if n not in names]
+        if unknown:
+            raise ValueError(
+                f"The saved model's active adapters {unknown} are not among its "
+                f"adapters {names}; the file is inconsistent (was it edited?)."
+            )
         model = keras.saving.deserialize_keras_object(
             config["base"], custom_objects=custom_objects
         )
-        enable_groups(
-            model,
-            map(AdapterGroup.from_config, config["adapters"]),
-            active=config.get("active"),
-        )
+        enable_groups(model, groups, active=active)
         return model
 
     @property

@@ -1,0 +1,48 @@
+"""`.keras` files of adapted models: what a damaged file does on load."""
+
+import json
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+import keras_adapters as ka
+
+
+def _adapted_model():
+    inputs = keras.Input((4,), name="features")
+    hidden = keras.layers.Dense(4, name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+    ka.enable_adapter(model, ka.LoRA(rank=2), targets="hidden", name="news")
+    return model
+
+
+def _rewrite_config(path, edit):
+    with zipfile.ZipFile(path) as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    config = json.loads(members["config.json"])
+    edit(config)
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def test_an_active_list_naming_an_unknown_adapter_is_refused(tmp_path):
+    path = str(tmp_path / "model.keras")
+    model = _adapted_model()
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert ka.active_adapters(loaded) == ["news"]
+    np.testing.assert_allclose(
+        loaded.predict(np.ones((1, 4)), verbose=0),
+        model.predict(np.ones((1, 4)), verbose=0),
+    )
+
+    def rename_active(config):
+        config["config"]["active"] = ["sports"]
+
+    _rewrite_config(path, rename_active)
+    with pytest.raises(ValueError, match=r"active adapters \['sports'\].*\['news'\]"):
+        keras.saving.load_model(path)
