@@ -70,7 +70,9 @@ def _adapter_variable_names():
     return sorted(names)
 
 
-def adapter_layout_map(layout_map):
+def adapter_layout_map(
+    layout_map: keras.distribution.LayoutMap,
+) -> keras.distribution.LayoutMap:
     """A copy of `layout_map` with entries for adapter variables.
 
     For every entry whose key selects kernels (a regex or path ending with

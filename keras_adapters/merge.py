@@ -17,7 +17,12 @@ from keras_adapters.kernels.quantized import activation_quantizer
 MERGE_CHOICES = ("float", "requantize")
 
 
-def merge_adapters(model, names=None, *, quantized=None):
+def merge_adapters(
+    model: keras.Model,
+    names: str | list[str] | None = None,
+    *,
+    quantized: str | None = None,
+) -> "list | QuantizedMergeReport":
     """Folds adapters into their base kernels, leaving plain Keras layers.
 
     Each adapter's update is computed in float32 and folded into the kernel

@@ -118,7 +118,7 @@ def adapter_state(model):
     return getattr(model, "_keras_adapters_state", None)
 
 
-def adapted_layers(model):
+def adapted_layers(model: keras.Model) -> list:
     """The layers of `model` that carry an adapter, in layer order."""
     return [
         layer
@@ -127,7 +127,7 @@ def adapted_layers(model):
     ]
 
 
-def adapter_variables(model, names=None):
+def adapter_variables(model: keras.Model, names: str | list[str] | None = None) -> list:
     """The adapter variables of `model`.
 
     Args:
@@ -159,8 +159,8 @@ def check_model(model):
 
 
 def enable_adapter(
-    model,
-    adapter,
+    model: keras.Model,
+    adapter: Adapter,
     targets=None,
     *,
     keep_trainable=None,
@@ -434,7 +434,7 @@ def check_names(model, names, argument):
     return list(dict.fromkeys(names))
 
 
-def delete_adapter(model, name) -> None:
+def delete_adapter(model: keras.Model, name: str) -> None:
     """Removes adapter `name` and its variables without merging it.
 
     The base weights do not change. Once no adapter is left, the trainable
@@ -475,12 +475,12 @@ def remove_groups(model, names):
         _forget_compiled_functions(model)
 
 
-def adapter_names(model) -> list:
+def adapter_names(model: keras.Model) -> list:
     """The names of the adapters of `model`, in the order they were added."""
     return [g.name for g in adapter_groups(model)]
 
 
-def active_adapters(model) -> list:
+def active_adapters(model: keras.Model) -> list:
     """The names of the adapters `model` applies and trains."""
     state = adapter_state(model)
     return list(state.active) if state is not None else []
@@ -505,7 +505,9 @@ class _ActiveAdapters:
         return False
 
 
-def set_active_adapters(model, names):
+def set_active_adapters(
+    model: keras.Model, names: str | list[str]
+) -> "_ActiveAdapters":
     """Chooses which of the model's adapters apply (and train).
 
     Active adapters change the outputs and are trainable; inactive ones keep
@@ -552,7 +554,7 @@ def set_active_adapters(model, names):
     return _ActiveAdapters(model, previous)
 
 
-def disable_adapters(model):
+def disable_adapters(model: keras.Model) -> "_ActiveAdapters":
     """Deactivates every adapter: the model computes its base outputs.
 
     Same as `set_active_adapters(model, [])`; as a context manager, it
@@ -577,7 +579,7 @@ def _apply_active(model):
     _forget_compiled_functions(model)
 
 
-def combine_adapters(model, weights, name) -> AdapterReport:
+def combine_adapters(model: keras.Model, weights: dict, name: str) -> AdapterReport:
     """Adds an adapter that is a weighted sum of adapters of the same method.
 
     The new adapter's update is exactly `sum_i w_i * delta_i`, where

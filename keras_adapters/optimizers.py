@@ -532,7 +532,12 @@ def _resolve(rule_set, variables, name):
     return multipliers
 
 
-def lr_multipliers(optimizer, multipliers, *, scale_weight_decay=True):
+def lr_multipliers(
+    optimizer: keras.optimizers.Optimizer,
+    multipliers: dict,
+    *,
+    scale_weight_decay: bool = True,
+) -> "LearningRateMultipliers":
     """Gives `optimizer` a learning-rate multiplier per variable.
 
     The returned optimizer updates each variable as `optimizer` would with
@@ -588,7 +593,12 @@ def _check_ratio(name, value):
     )
 
 
-def loraplus(optimizer, ratio: float = 16.0, *, scale_weight_decay=True):
+def loraplus(
+    optimizer: keras.optimizers.Optimizer,
+    ratio: float = 16.0,
+    *,
+    scale_weight_decay: bool = True,
+) -> "LearningRateMultipliers":
     """LoRA+: the LoRA `B` factors learn `ratio` times faster than `A`.
 
     Every `B` factor gets multiplier `ratio`: the variables that adapter
@@ -625,14 +635,14 @@ def loraplus(optimizer, ratio: float = 16.0, *, scale_weight_decay=True):
 
 
 def attention_lr(
-    optimizer,
+    optimizer: keras.optimizers.Optimizer,
     value_ratio: float,
     query_ratio: float = 1.0,
     key_ratio: float = 1.0,
     output_ratio: float = 1.0,
     *,
-    scale_weight_decay=True,
-):
+    scale_weight_decay: bool = True,
+) -> LearningRateMultipliers:
     """A learning rate per attention role: eta_V = `value_ratio` * eta.
 
     Every trainable variable of a projection with a given role (its adapter

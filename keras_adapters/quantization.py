@@ -80,7 +80,13 @@ __all__ = [
 ]
 
 
-def merge_and_measure(model, quantized, sample_inputs, names=None, batch_size=None):
+def merge_and_measure(
+    model: keras.Model,
+    quantized: str,
+    sample_inputs,
+    names: str | list[str] | None = None,
+    batch_size: int | None = None,
+) -> QuantizedMergeReport:
     """`merge_adapters(model, names, quantized=...)`, measuring the outputs.
 
     Runs `model` on `sample_inputs` before and after merging and adds the

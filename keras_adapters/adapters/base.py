@@ -76,7 +76,7 @@ def factor_initializer(value, rank):
     return keras.initializers.get(value)
 
 
-def register_adapter(cls):
+def register_adapter(cls: type) -> type:
     """Class decorator: makes an `Adapter` subclass known by its `method`.
 
     Registered methods can be rebuilt from adapter files and `.keras` files
