@@ -1,0 +1,194 @@
+"""Atomic files and directories (keras_adapters._io), on real files."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from keras_adapters import _io
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _dead_pid():
+    """The id of a process that has exited (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _write(path, text):
+    with _io.atomic_file(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_existing_file_keeps_its_mode(tmp_path, umask_022):
+    path = tmp_path / "a.h5"
+    path.write_text("old")
+    os.chmod(path, 0o644)
+    _write(path, "new")
+    assert path.read_text() == "new"
+    assert _mode(path) == 0o644
+    os.chmod(path, 0o640)
+    _write(path, "newer")
+    assert _mode(path) == 0o640
+
+
+def test_new_file_gets_the_umask_mode(tmp_path, umask_022):
+    _write(tmp_path / "a.h5", "x")
+    assert _mode(tmp_path / "a.h5") == 0o644
+    os.umask(0o027)
+    _write(tmp_path / "b.h5", "x")
+    assert _mode(tmp_path / "b.h5") == 0o640
+
+
+def test_symlink_is_written_through(tmp_path):
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "weights.h5"
+    target.write_text("old")
+    link = tmp_path / "link.h5"
+    link.symlink_to(target)
+    _write(link, "new")
+    assert link.is_symlink()
+    assert os.readlink(link) == str(target)
+    assert target.read_text() == "new"
+    assert sorted(os.listdir(tmp_path / "real")) == ["weights.h5"]
+
+
+def test_failure_removes_the_temporary_file(tmp_path):
+    path = tmp_path / "a.h5"
+    path.write_text("old")
+    for error in (RuntimeError, KeyboardInterrupt):
+        with pytest.raises(error):
+            with _io.atomic_file(path) as tmp:
+                with open(tmp, "w") as f:
+                    f.write("partial")
+                raise error("interrupted")
+        assert os.listdir(tmp_path) == ["a.h5"]
+        assert path.read_text() == "old"
+
+
+def test_temporary_names_and_stale_temporaries(tmp_path):
+    path = tmp_path / "a.h5"
+    with _io.atomic_file(path) as tmp:
+        name = os.path.basename(tmp)
+        assert name.startswith(f".a.h5.tmp-{os.getpid()}-")
+    dead = tmp_path / f".a.h5.tmp-{_dead_pid()}-0123abcd"
+    dead.write_text("left by a killed save")
+    alive = tmp_path / f".a.h5.tmp-{os.getppid()}-0123abcd"  # a live process
+    alive.write_text("another save in progress")
+    other = tmp_path / f".b.h5.tmp-{_dead_pid()}-0123abcd"
+    other.write_text("another file's")
+    _write(path, "new")
+    assert not dead.exists()
+    assert alive.exists() and other.exists()
+
+
+def test_atomic_file_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="`path` must be a str"):
+        with _io.atomic_file(3):
+            pass
+    with pytest.raises(ValueError, match="is a directory"):
+        with _io.atomic_file(tmp_path):
+            pass
+    with pytest.raises(FileNotFoundError, match="No directory"):
+        with _io.atomic_file(tmp_path / "missing" / "a.h5"):
+            pass
+    assert os.listdir(tmp_path) == []
+
+
+def _export(path, content, overwrite=True, fail=False):
+    with _io.atomic_directory(path, overwrite=overwrite) as staging:
+        for name, text in content.items():
+            with open(os.path.join(staging, name), "w") as f:
+                f.write(text)
+        if fail:
+            raise RuntimeError("the export failed")
+
+
+def _read(path):
+    return {n: open(os.path.join(path, n)).read() for n in sorted(os.listdir(path))}
+
+
+def test_directory_is_replaced_whole(tmp_path, umask_022):
+    path = tmp_path / "serving"
+    _export(path, {"a": "1", "b": "1"})
+    assert _mode(path) == 0o755
+    os.chmod(path, 0o750)
+    _export(path, {"a": "2"})
+    assert _read(path) == {"a": "2"}
+    assert _mode(path) == 0o750
+    assert os.listdir(tmp_path) == ["serving"]
+
+
+def test_failed_build_leaves_the_old_directory(tmp_path):
+    path = tmp_path / "serving"
+    _export(path, {"a": "1"})
+    for error in (RuntimeError, KeyboardInterrupt):
+        with pytest.raises((RuntimeError, KeyboardInterrupt)):
+            with _io.atomic_directory(path, overwrite=True) as staging:
+                open(os.path.join(staging, "a"), "w").write("partial")
+                raise error("interrupted")
+        assert _read(path) == {"a": "1"}
+        assert os.listdir(tmp_path) == ["serving"]
+
+
+def test_existing_directory_needs_overwrite(tmp_path):
+    path = tmp_path / "serving"
+    _export(path, {"a": "1"})
+    with pytest.raises(ValueError, match="overwrite=True"):
+        _export(path, {"a": "2"}, overwrite=False)
+    assert _read(path) == {"a": "1"}
+    (tmp_path / "empty").mkdir()
+    _export(tmp_path / "empty", {"a": "3"}, overwrite=False)
+    assert _read(tmp_path / "empty") == {"a": "3"}
+    with pytest.raises(ValueError, match="`overwrite` must be a bool"):
+        _export(path, {}, overwrite="yes")
+
+
+def test_swap_without_renameat2(tmp_path, monkeypatch):
+    # The portable path: rename the old directory aside, then the new in.
+    monkeypatch.setattr(_io, "_renameat2", None)
+    path = tmp_path / "serving"
+    _export(path, {"a": "1"})
+    _export(path, {"a": "2"})
+    assert _read(path) == {"a": "2"}
+    assert os.listdir(tmp_path) == ["serving"]
+
+
+def test_crash_between_renames_is_restored(tmp_path):
+    # What a kill between the two renames of the portable swap leaves: the
+    # old export under a backup name of a dead process, nothing at the path.
+    path = tmp_path / "serving"
+    _export(path, {"a": "old"})
+    dead = _dead_pid()
+    os.rename(path, tmp_path / f".serving.backup-{dead}-0123abcd")
+    (tmp_path / f".serving.staging-{dead}-4567cdef").mkdir()
+    assert _io.recover_directory(path)
+    assert _read(path) == {"a": "old"}
+    assert not _io.recover_directory(path)  # nothing left to restore
+    # The next export restores it too, and cleans the leftovers.
+    os.rename(path, tmp_path / f".serving.backup-{dead}-0123abcd")
+    with pytest.raises(ValueError, match="overwrite=True"):
+        _export(path, {"a": "new"}, overwrite=False)
+    assert _read(path) == {"a": "old"}
+    assert os.listdir(tmp_path) == ["serving"]
+
+
+def test_stale_staging_of_a_live_process_is_kept(tmp_path):
+    path = tmp_path / "serving"
+    live = tmp_path / f".serving.staging-{os.getppid()}-0123abcd"
+    live.mkdir()
+    _export(path, {"a": "1"})
+    assert live.exists()
