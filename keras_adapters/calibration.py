@@ -25,6 +25,7 @@ from keras import ops
 
 from keras_adapters import _io
 from keras_adapters import _validation
+from keras_adapters import model as adapter_model
 from keras_adapters.workflows import heads
 
 _PLOT_PIP = 'pip install "keras-adapters[plot]"'
@@ -253,7 +254,7 @@ def with_temperature(model, temperature, name=None):
     probabilities = keras.ops.softmax(calibrated.predict(test_x))
     ```
     """
-    heads.check_model(model)
+    adapter_model.check_model(model)
     layer = TemperatureScaling(temperature, name="temperature_scaling")
     name = name or f"{model.name}_calibrated"
     try:

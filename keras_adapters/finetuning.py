@@ -11,8 +11,10 @@ import dataclasses
 import math
 
 from keras_adapters import _keras_internals as internals
+from keras_adapters import _validation
 from keras_adapters import model as adapter_model
 from keras_adapters import targeting
+from keras_adapters._tables import format_table
 
 
 @dataclasses.dataclass
@@ -43,10 +45,8 @@ class FineTuningReport:
             (path, "x".join(map(str, shape)), f"{params:,}", why)
             for path, shape, params, why in self.trainable
         ]
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-        line = "  ".join(f"{{:<{w}}}" for w in widths)
-        out = [f"Full fine-tuning of attention{self.roles}", line.format(*header)]
-        out += [line.format(*r) for r in rows]
+        out = [f"Full fine-tuning of attention{self.roles}"]
+        out += format_table(header, rows)
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
         out.append(
             f"trainable {self.trainable_params:,} of {self.total_params:,} "
@@ -131,8 +131,7 @@ def attention_full(
     """
     adapter_model.check_model(model)
     roles = _check_roles(roles)
-    if not isinstance(train_bias, bool):
-        raise ValueError(f"`train_bias` must be a bool; received {train_bias!r}.")
+    train_bias = _validation.check_bool("train_bias", train_bias)
     if adapter_model.adapted_layers(model):
         raise ValueError(
             f"Model '{model.name}' has adapters; attention_full is full "
