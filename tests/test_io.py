@@ -1,10 +1,13 @@
 """Atomic files and directories (keras_adapters._io), on real files."""
 
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 from keras_adapters import _io
@@ -192,3 +195,78 @@ def test_stale_staging_of_a_live_process_is_kept(tmp_path):
     live.mkdir()
     _export(path, {"a": "1"})
     assert live.exists()
+
+
+# Kill tests: a child process writes in a loop through _io and is killed
+# (SIGKILL) at a random moment; the path must then hold a complete old or
+# new artifact, and the next write leaves no leftovers. The child loads
+# `_io.py` alone (no Keras import), so each round takes a fraction of a second.
+
+_CHILD = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("_io", sys.argv[1])
+io = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(io)
+path, kind = sys.argv[2], sys.argv[3]
+if sys.argv[4] == "portable":
+    io._renameat2 = None  # the two-rename swap, with a backup
+size = 4 << 20
+print("started", flush=True)
+generation = 0
+while True:
+    generation = (generation + 1) % 200
+    data = bytes([generation + 1]) * size
+    if kind == "file":
+        with io.atomic_file(path) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+    else:
+        with io.atomic_directory(path, overwrite=True) as staging:
+            for name in ("a", "b"):
+                with open(os.path.join(staging, name), "wb") as f:
+                    f.write(data)
+"""
+
+_SIZE = 4 << 20
+
+
+def _kill_while_writing(path, kind, seed, rounds=4, swap="renameat2"):
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, _io.__file__, str(path), kind, swap],
+            stdout=subprocess.PIPE,
+        )
+        assert child.stdout.readline().strip() == b"started"
+        time.sleep(rng.uniform(0.02, 0.3))
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        yield
+
+
+def _complete_file(path):
+    data = open(path, "rb").read()
+    return len(data) == _SIZE and data == data[:1] * _SIZE
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_killed_file_writes_leave_a_complete_file(tmp_path, seed):
+    path = tmp_path / "a.h5"
+    path.write_bytes(b"\x00" * _SIZE)
+    for _ in _kill_while_writing(path, "file", seed):
+        assert _complete_file(path)
+    _write(path, "next")
+    assert os.listdir(tmp_path) == ["a.h5"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_killed_directory_writes_leave_a_complete_directory(tmp_path, seed):
+    path = tmp_path / "serving"
+    for swap in ("renameat2", "portable"):
+        for _ in _kill_while_writing(path, "directory", seed, swap=swap):
+            _io.recover_directory(path)
+            if path.exists():
+                a, b = (open(path / n, "rb").read() for n in ("a", "b"))
+                assert _complete_file(path / "a") and a == b
+        _export(path, {"a": "next"})
+        assert os.listdir(tmp_path) == ["serving"]
