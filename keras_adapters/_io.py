@@ -43,13 +43,15 @@ _STAGING = "staging"
 _BACKUP = "backup"
 
 
-def _temporary_name(name, kind):
-    return f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+def _temporary_name(name, kind, suffix=""):
+    return f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
 
 
 def _leftovers(directory, name, kind):
     """`[(path, pid)]` of leftovers of kind `kind` for `name` in `directory`."""
-    pattern = re.compile(re.escape(f".{name}.{kind}-") + r"(\d+)-[0-9a-f]+")
+    pattern = re.compile(
+        re.escape(f".{name}.{kind}-") + r"(\d+)-[0-9a-f]{8}(?:\.[\w.]+)?"
+    )
     try:
         entries = os.listdir(directory)
     except OSError:
@@ -143,7 +145,7 @@ def _resolve(path):
 
 
 @contextlib.contextmanager
-def atomic_file(path):
+def atomic_file(path, suffix: str = ""):
     """Writes a file atomically: yields a temporary path to write to.
 
     When the `with` block ends normally, the temporary file replaces `path`
@@ -154,6 +156,8 @@ def atomic_file(path):
     Args:
         path: the file to write (str or os.PathLike). Its directory must
             exist.
+        suffix: an extension the temporary file's name ends with, for
+            writers that check it (Keras' `model.save` wants `.keras`).
 
     Yields:
         The temporary file's path (str), in the same directory as the final
@@ -173,6 +177,11 @@ def atomic_file(path):
     ```
     """
     target = _resolve(path)
+    if not isinstance(suffix, str) or not re.fullmatch(r"(\.\w+)*", suffix):
+        raise ValueError(
+            f"`suffix` must be '' or an extension such as '.keras'; received "
+            f"{suffix!r}."
+        )
     if os.path.isdir(target):
         raise ValueError(f"{target!r} is a directory; expected a file path.")
     directory, name = os.path.split(target)
@@ -183,7 +192,7 @@ def atomic_file(path):
         mode = stat.S_IMODE(os.stat(target).st_mode)
     except FileNotFoundError:
         mode = None
-    tmp = os.path.join(directory, _temporary_name(name, _TMP))
+    tmp = os.path.join(directory, _temporary_name(name, _TMP, suffix))
     # 0o666 minus the umask, as for any new file (mkstemp would give 0600).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

@@ -93,9 +93,15 @@ def test_temporary_names_and_stale_temporaries(tmp_path):
     alive.write_text("another save in progress")
     other = tmp_path / f".b.h5.tmp-{_dead_pid()}-0123abcd"
     other.write_text("another file's")
+    dead_keras = tmp_path / f".a.h5.tmp-{_dead_pid()}-4567cdef.keras"
+    dead_keras.write_text("left by a killed save with a suffix")
     _write(path, "new")
-    assert not dead.exists()
+    assert not dead.exists() and not dead_keras.exists()
     assert alive.exists() and other.exists()
+    with _io.atomic_file(tmp_path / "m.keras", suffix=".keras") as tmp:
+        assert tmp.endswith(".keras")
+        open(tmp, "w").write("model")
+    assert (tmp_path / "m.keras").read_text() == "model"
 
 
 def test_atomic_file_bad_arguments(tmp_path):
@@ -107,6 +113,9 @@ def test_atomic_file_bad_arguments(tmp_path):
             pass
     with pytest.raises(FileNotFoundError, match="No directory"):
         with _io.atomic_file(tmp_path / "missing" / "a.h5"):
+            pass
+    with pytest.raises(ValueError, match="`suffix` must be"):
+        with _io.atomic_file(tmp_path / "a.h5", suffix="/x"):
             pass
     assert os.listdir(tmp_path) == []
 
