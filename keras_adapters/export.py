@@ -262,19 +262,25 @@ def export_saved_model(
 
     The adapters are merged into a copy of the weights: `model` keeps its
     adapters and stays trainable. The SavedModel has a `serving_default`
-    signature whose inputs are named as the model's inputs; on both backends
+    signature whose inputs are named as the model's inputs (the keys of a
+    dict of inputs, as KerasHub models take; else each `keras.Input`'s
+    `name`, or `inputs` (one input, as a `keras.Sequential`) and `inputs_0`,
+    `inputs_1`, ... for inputs created without a name); on both backends
     the batch size and, for token inputs of shape `(batch, None)`, one
     sequence length shared by all inputs are dynamic (bounded by a KerasHub
-    backbone's `max_sequence_length`). The export is written to a temporary
+    backbone's `max_sequence_length`). The export is written to a staging
     directory beside `path`, reloaded in a fresh Python process that cannot
     import keras_adapters, compared with `model` on sample inputs, and only
-    then moved to `path`.
+    then swapped into place atomically (`keras_adapters._io`): `path`
+    always holds the old or the new complete export, and an export killed
+    mid-swap is restored (and its leftovers removed) by the next call.
 
     Args:
         model: a built Keras model, with or without adapters (without, it is
             exported as is, with a note in the report).
         path: the SavedModel directory to create.
-        overwrite: replace an existing non-empty directory at `path`.
+        overwrite: bool; replace an existing non-empty directory at `path`
+            (it keeps its permission mode).
         input_signature: `{input name: tf.TensorSpec}`; defaults to the
             model's symbolic inputs.
         sequence_length: export fixed shapes with this sequence length
