@@ -23,31 +23,20 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_adapters import _io
+from keras_adapters import _validation
+from keras_adapters import model as adapter_model
 from keras_adapters.workflows import heads
 
 _PLOT_PIP = 'pip install "keras-adapters[plot]"'
 
 
 def _check_positive_number(name, value):
-    is_number = isinstance(value, (int, float, np.integer, np.floating))
-    if (
-        isinstance(value, bool)
-        or not is_number
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"`{name}` must be a finite number > 0; received {value!r}.")
-    return float(value)
+    return _validation.check_number(name, value, low=0, low_inclusive=False)
 
 
 def _check_num_bins(num_bins):
-    if (
-        isinstance(num_bins, bool)
-        or not isinstance(num_bins, (int, np.integer))
-        or num_bins < 1
-    ):
-        raise ValueError(f"`num_bins` must be an int >= 1; received {num_bins!r}.")
-    return int(num_bins)
+    return _validation.check_number("num_bins", num_bins, low=1, integer=True)
 
 
 def _check_logits_and_labels(logits, labels):
@@ -169,26 +158,19 @@ def fit_temperature(
     Reference:
         Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
     """
-    if (
-        not isinstance(bounds, (tuple, list))
-        or len(bounds) != 2
-        or not all(
-            isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds
+    message = f"`bounds` must be (low, high) with 0 < low < high; received {bounds!r}."
+    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise ValueError(message)
+    bounds = [
+        _validation.check_number(
+            f"bounds[{i}]", b, low=0, low_inclusive=False, allowed="a number > 0"
         )
-        or not 0 < bounds[0] < bounds[1] < math.inf
-    ):
-        raise ValueError(
-            f"`bounds` must be (low, high) with 0 < low < high; received {bounds!r}."
-        )
+        for i, b in enumerate(bounds)
+    ]
+    if not bounds[0] < bounds[1]:
+        raise ValueError(message)
     tolerance = _check_positive_number("tolerance", tolerance)
-    if (
-        isinstance(max_iterations, bool)
-        or not isinstance(max_iterations, int)
-        or max_iterations < 1
-    ):
-        raise ValueError(
-            f"`max_iterations` must be an int >= 1; received {max_iterations!r}."
-        )
+    max_iterations = _validation.check_positive_int("max_iterations", max_iterations)
     logits, labels = _check_logits_and_labels(logits, labels)
     low, high = math.log(bounds[0]), math.log(bounds[1])
     if _nll_and_derivatives(low, logits, labels)[1] >= 0:
@@ -272,7 +254,7 @@ def with_temperature(model, temperature, name=None):
     probabilities = keras.ops.softmax(calibrated.predict(test_x))
     ```
     """
-    heads.check_model(model)
+    adapter_model.check_model(model)
     layer = TemperatureScaling(temperature, name="temperature_scaling")
     name = name or f"{model.name}_calibrated"
     try:
@@ -333,8 +315,7 @@ class _CalibrationError(keras.metrics.Metric):
     def __init__(self, num_bins=15, from_logits=False, name=None, dtype=None):
         super().__init__(name=name, dtype=dtype)
         self.num_bins = _check_num_bins(num_bins)
-        if not isinstance(from_logits, bool):
-            raise ValueError(f"`from_logits` must be a bool; received {from_logits!r}.")
+        from_logits = _validation.check_bool("from_logits", from_logits)
         self.from_logits = from_logits
         shape = (self.num_bins,)
         self.counts = self.add_variable(shape, "zeros", name="counts")
@@ -631,7 +612,8 @@ def reliability_diagram(
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with _io.atomic_file(path) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
     return os.fspath(path)
 
 

@@ -7,7 +7,7 @@ nothing that needs keras_adapters to load.
 
 import dataclasses
 import os
-import shutil
+import re
 import subprocess
 import sys
 import tempfile
@@ -15,6 +15,8 @@ import tempfile
 import keras
 import numpy as np
 
+from keras_adapters import _io
+from keras_adapters import _validation
 from keras_adapters import merge
 from keras_adapters import model as adapter_model
 from keras_adapters import targeting
@@ -97,12 +99,64 @@ def _model_inputs(model):
     return inputs
 
 
+# Names Keras gives inputs created without `name=`: they change from one
+# model to the next, so the signature uses positional names instead.
+_AUTOMATIC_NAME = re.compile(r"keras_tensor(_\d+)?|input_layer(_\d+)?")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """How the model takes its inputs, and their names in the signature.
+
+    Attributes:
+        kind: "dict" (KerasHub backbones and tasks, functional models built
+            from a dict), "single" (one tensor: `keras.Sequential`, most
+            functional models) or "list" (several positional tensors).
+        names: the signature's input names, in the model's order: dict keys,
+            else each `keras.Input`'s name, or `inputs` / `inputs_<i>` for
+            inputs Keras named automatically.
+        tensors: the model's symbolic inputs, in the same order.
+    """
+
+    kind: str
+    names: tuple
+    tensors: tuple
+
+    def structure(self, values):
+        """`values` (`{name: value}`) in the structure the model is called with."""
+        if self.kind == "dict":
+            return {name: values[name] for name in self.names}
+        if self.kind == "single":
+            return values[self.names[0]]
+        return [values[name] for name in self.names]
+
+
+def _inputs(model):
+    tensors = list(_model_inputs(model))
+    structure = None
+    if not isinstance(model, keras.Sequential):
+        try:
+            structure = model.input
+        except (AttributeError, ValueError):
+            structure = None
+    if isinstance(structure, dict):
+        return _Inputs("dict", tuple(structure), tuple(structure.values()))
+    names = [getattr(t, "name", None) or "" for t in tensors]
+    automatic = any(_AUTOMATIC_NAME.fullmatch(n) for n in names)
+    if automatic or len(set(names)) != len(names):
+        names = [f"inputs_{i}" for i in range(len(tensors))]
+        if len(tensors) == 1:
+            names = ["inputs"]
+    kind = "single" if len(tensors) == 1 else "list"
+    return _Inputs(kind, tuple(names), tuple(tensors))
+
+
 def _sequence_bound(model):
     backbone = getattr(model, "backbone", model)
     return getattr(backbone, "max_sequence_length", None)
 
 
-def _signature(model, input_signature, sequence_length):
+def _signature(inputs, input_signature, sequence_length):
     """`({name: (shape, dtype)}, polymorphic shape strings)`."""
     import tensorflow as tf
 
@@ -114,21 +168,25 @@ def _signature(model, input_signature, sequence_length):
                 "`input_signature` must be a dict {input name: tf.TensorSpec}; "
                 f"received {input_signature!r}."
             )
-        expected = sorted(i.name for i in model.inputs) if model.inputs else None
-        if expected is not None and sorted(input_signature) != expected:
+        if inputs is not None and sorted(input_signature) != sorted(inputs.names):
             raise ValueError(
                 f"`input_signature` names {sorted(input_signature)} do not match "
-                f"the model's inputs {expected}."
+                f"the model's inputs {sorted(inputs.names)}."
             )
         specs = {n: (tuple(s.shape), s.dtype.name) for n, s in input_signature.items()}
     else:
-        specs = {i.name: (tuple(i.shape), i.dtype) for i in _model_inputs(model)}
+        specs = {
+            n: (tuple(t.shape), t.dtype)
+            for n, t in zip(inputs.names, inputs.tensors, strict=True)
+        }
     if sequence_length is not None:
-        if not isinstance(sequence_length, int) or sequence_length < 1:
-            raise ValueError(
-                "`sequence_length` must be a positive int (fixed shapes) or None "
-                f"(dynamic); received {sequence_length!r}."
-            )
+        sequence_length = _validation.check_number(
+            "sequence_length",
+            sequence_length,
+            low=1,
+            integer=True,
+            allowed="a positive int (fixed shapes) or None (dynamic)",
+        )
         specs = {
             n: (
                 (shape[0], sequence_length, *shape[2:]) if len(shape) >= 2 else shape,
@@ -205,19 +263,25 @@ def export_saved_model(
 
     The adapters are merged into a copy of the weights: `model` keeps its
     adapters and stays trainable. The SavedModel has a `serving_default`
-    signature whose inputs are named as the model's inputs; on both backends
+    signature whose inputs are named as the model's inputs (the keys of a
+    dict of inputs, as KerasHub models take; else each `keras.Input`'s
+    `name`, or `inputs` (one input, as a `keras.Sequential`) and `inputs_0`,
+    `inputs_1`, ... for inputs created without a name); on both backends
     the batch size and, for token inputs of shape `(batch, None)`, one
     sequence length shared by all inputs are dynamic (bounded by a KerasHub
-    backbone's `max_sequence_length`). The export is written to a temporary
+    backbone's `max_sequence_length`). The export is written to a staging
     directory beside `path`, reloaded in a fresh Python process that cannot
     import keras_adapters, compared with `model` on sample inputs, and only
-    then moved to `path`.
+    then swapped into place atomically (`keras_adapters._io`): `path`
+    always holds the old or the new complete export, and an export killed
+    mid-swap is restored (and its leftovers removed) by the next call.
 
     Args:
         model: a built Keras model, with or without adapters (without, it is
             exported as is, with a note in the report).
         path: the SavedModel directory to create.
-        overwrite: replace an existing non-empty directory at `path`.
+        overwrite: bool; replace an existing non-empty directory at `path`
+            (it keeps its permission mode).
         input_signature: `{input name: tf.TensorSpec}`; defaults to the
             model's symbolic inputs.
         sequence_length: export fixed shapes with this sequence length
@@ -257,34 +321,32 @@ def export_saved_model(
         )
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"`path` must be a str or os.PathLike; received {path!r}.")
+    overwrite = _validation.check_bool("overwrite", overwrite)
+    verify = _validation.check_bool("verify", verify)
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    _io.recover_directory(path)
+    if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
         if not overwrite:
             raise ValueError(
                 f"{path!r} exists and is not an empty directory; pass "
                 "overwrite=True to replace it."
             )
-    if not (isinstance(tolerance, (int, float)) and tolerance > 0):
-        raise ValueError(
-            f"`tolerance` must be a positive number; received {tolerance!r}."
-        )
+    tolerance = _validation.check_number(
+        "tolerance", tolerance, low=0, low_inclusive=False
+    )
     preprocessor = _check_preprocessor(model, preprocessor)
-    specs, polymorphic = _signature(model, input_signature, sequence_length)
+    if model.inputs:
+        inputs = _inputs(model)
+    elif isinstance(input_signature, dict):  # a subclassed model takes a dict
+        inputs = _Inputs("dict", tuple(input_signature), ())
+    else:
+        inputs = None
+    if inputs is None and input_signature is None:
+        _model_inputs(model)  # raises: the inputs are unknown
+    specs, polymorphic = _signature(inputs, input_signature, sequence_length)
     if preprocessor is not None:
         specs = {"texts": ((None,), "string")}
-    if sample_inputs is None and preprocessor is not None:
-        sample_inputs = {"texts": np.array(["a b c", "hello world", "x"])}
-    elif sample_inputs is None:
-        sample_inputs = _sample_inputs(model, specs)
-    elif not isinstance(sample_inputs, dict) or sorted(sample_inputs) != sorted(specs):
-        raise ValueError(
-            f"`sample_inputs` must be a dict with the keys {sorted(specs)}; "
-            f"received {sample_inputs!r:.200}."
-        )
-    else:  # the signature's dtypes (a tokenizer may give a bool padding mask)
-        sample_inputs = {
-            k: np.asarray(v).astype(specs[k][1]) for k, v in sample_inputs.items()
-        }
+    sample_inputs = _check_sample_inputs(model, sample_inputs, specs, preprocessor)
     notes = []
     if preprocessor is not None:
         notes.append(
@@ -294,20 +356,18 @@ def export_saved_model(
     if not adapter_model.adapter_groups(model):
         notes.append("the model has no adapters; it was exported as is")
     # Called directly: `predict` would run a Task's own preprocessor.
-    features = sample_inputs
     if preprocessor is not None:
         features = preprocessor(sample_inputs["texts"])
+    else:
+        features = inputs.structure(sample_inputs)
     expected = keras.ops.convert_to_numpy(model(features, training=False))
     plain, merged = _plain_copy(model)
 
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + ".tmp-")
-    try:
+    with _io.atomic_directory(path, overwrite=overwrite) as staging:
         if preprocessor is not None:
             _export_with_preprocessor(plain, preprocessor, staging)
         else:
-            _export(plain, staging, specs, polymorphic, sequence_length)
+            _export(plain, staging, inputs, specs, polymorphic, sequence_length)
         difference = None
         if verify:
             outputs, (num_variables, num_parameters) = _run_in_fresh_process(
@@ -324,10 +384,6 @@ def export_saved_model(
             num_variables, num_parameters = _loaded_variables(
                 staging, needs_text_ops=preprocessor is not None
             )
-        _move_into_place(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportReport(
         path=path,
         merged_layers=merged,
@@ -339,12 +395,54 @@ def export_saved_model(
     )
 
 
-def _export(model, directory, specs, polymorphic, sequence_length):
+def _check_sample_inputs(model, sample_inputs, specs, preprocessor):
+    """`{name: array}` for the verification, in the signature's dtypes."""
+    if sample_inputs is None:
+        if preprocessor is not None:
+            return {"texts": np.array(["a b c", "hello world", "x"])}
+        return _sample_inputs(model, specs)
+    if not isinstance(sample_inputs, dict) or sorted(sample_inputs) != sorted(specs):
+        raise ValueError(
+            f"`sample_inputs` must be a dict with the keys {sorted(specs)}; "
+            f"received {sample_inputs!r:.200}."
+        )
+    checked = {}
+    for name, value in sample_inputs.items():
+        shape, dtype = specs[name]
+        if dtype == "string":
+            array = np.asarray(value)
+            if (
+                array.ndim != 1
+                or array.dtype.kind not in "USO"
+                or not all(isinstance(t, (str, bytes)) for t in array.tolist())
+            ):
+                raise ValueError(
+                    f"`sample_inputs[{name!r}]` must be a 1-D array of strings "
+                    f"(one text per example); received {value!r:.200}."
+                )
+            checked[name] = array.astype(str) if array.dtype.kind == "O" else array
+            continue
+        array = np.asarray(value)
+        if array.dtype.kind != "b":  # a tokenizer may give a bool padding mask
+            array = _validation.check_finite_array(f"sample_inputs[{name!r}]", array)
+        if array.ndim != len(shape) or any(
+            d is not None and d != a for d, a in zip(shape, array.shape, strict=True)
+        ):
+            raise ValueError(
+                f"`sample_inputs[{name!r}]` must have the shape {shape} (None: any "
+                f"size); received an array of shape {array.shape}."
+            )
+        checked[name] = array.astype(dtype)  # the signature's dtypes
+    return checked
+
+
+def _export(model, directory, inputs, specs, polymorphic, sequence_length):
     import tensorflow as tf
 
-    signature = [
-        {n: tf.TensorSpec(shape, dtype, name=n) for n, (shape, dtype) in specs.items()}
-    ]
+    tensor_specs = {
+        n: tf.TensorSpec(shape, dtype, name=n) for n, (shape, dtype) in specs.items()
+    }
+    signature = [inputs.structure(tensor_specs)]
     kwargs = {}
     if keras.backend.backend() == "jax":
         bound = _sequence_bound(model)
@@ -353,7 +451,7 @@ def _export(model, directory, specs, polymorphic, sequence_length):
             (f"s <= {bound}",) if bound and dynamic and not sequence_length else ()
         )
         kwargs["jax2tf_kwargs"] = {
-            "polymorphic_shapes": [polymorphic],
+            "polymorphic_shapes": [inputs.structure(polymorphic)],
             "polymorphic_constraints": constraints,
             "with_gradient": False,
         }
@@ -463,13 +561,3 @@ def _loaded_variables(directory, needs_text_ops=False):
     variables = tf.saved_model.load(directory).variables
     weights = [int(np.prod(v.shape)) for v in variables if v.dtype.is_floating]
     return len(variables), sum(weights)
-
-
-def _move_into_place(staging, path):
-    if os.path.exists(path):
-        backup = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".old-export-")
-        os.replace(path, os.path.join(backup, "old"))
-        os.replace(staging, path)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(staging, path)

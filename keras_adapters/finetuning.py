@@ -11,8 +11,11 @@ import dataclasses
 import math
 
 from keras_adapters import _keras_internals as internals
+from keras_adapters import _validation
 from keras_adapters import model as adapter_model
 from keras_adapters import targeting
+from keras_adapters._tables import format_table
+from keras_adapters.roles import check_roles
 
 
 @dataclasses.dataclass
@@ -43,33 +46,14 @@ class FineTuningReport:
             (path, "x".join(map(str, shape)), f"{params:,}", why)
             for path, shape, params, why in self.trainable
         ]
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-        line = "  ".join(f"{{:<{w}}}" for w in widths)
-        out = [f"Full fine-tuning of attention{self.roles}", line.format(*header)]
-        out += [line.format(*r) for r in rows]
+        out = [f"Full fine-tuning of attention{self.roles}"]
+        out += format_table(header, rows)
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
         out.append(
             f"trainable {self.trainable_params:,} of {self.total_params:,} "
             f"parameters ({share:.2f}%)"
         )
         return "\n".join(out)
-
-
-def _check_roles(roles):
-    if isinstance(roles, str):
-        roles = (roles,)
-    if not isinstance(roles, (list, tuple)) or not roles:
-        raise ValueError(
-            "`roles` must be a non-empty tuple of attention roles from "
-            f"{list(targeting.ATTENTION_ROLES)}; received {roles!r}."
-        )
-    for role in roles:
-        if role not in targeting.ATTENTION_ROLES:
-            raise ValueError(
-                f"Unknown attention role {role!r} in `roles`; the roles are "
-                f"{list(targeting.ATTENTION_ROLES)}."
-            )
-    return tuple(dict.fromkeys(roles))
 
 
 def attention_full(
@@ -130,9 +114,8 @@ def attention_full(
     ```
     """
     adapter_model.check_model(model)
-    roles = _check_roles(roles)
-    if not isinstance(train_bias, bool):
-        raise ValueError(f"`train_bias` must be a bool; received {train_bias!r}.")
+    roles = check_roles(roles)
+    train_bias = _validation.check_bool("train_bias", train_bias)
     if adapter_model.adapted_layers(model):
         raise ValueError(
             f"Model '{model.name}' has adapters; attention_full is full "
@@ -169,18 +152,8 @@ def attention_full(
         for v in layer.weights:
             why.setdefault(id(v), "keep_trainable")
 
-    # Trainable layers all the way down, then freezing per variable: a
-    # frozen ancestor would hide the chosen variables from the optimizer.
-    # The layer setter only touches variables created trainable, so
-    # normalization statistics stay non-trainable. It goes through False
-    # because on the TensorFlow backend `layer.trainable = True` on a layer
-    # that is already trainable is skipped (Keras' tracking short-circuits
-    # `self.x = value` when `self.x is value`), leaving frozen variables
-    # frozen.
-    model.trainable = False
-    model.trainable = True
-    for variable in model.trainable_weights:
-        variable.trainable = id(variable) in why
+    # Per variable, as enable_adapter freezes (see model.freeze_all_but).
+    adapter_model.freeze_all_but(model, set(why))
     internals.reset_compiled_functions(model)
 
     trainable = [

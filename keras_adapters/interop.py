@@ -18,9 +18,12 @@ and Llama's per-head query kernels `(hidden, heads, head_dim)`, Gemma's
 with no per-head reordering. `tests/test_interop.py` checks this against
 PyTorch outputs.
 
-The safetensors files are read and written with NumPy alone (the format is
-a JSON header and raw little-endian arrays), so this module needs neither
-PyTorch nor the `safetensors` package.
+The safetensors files are read and written with the `safetensors` package
+(no PyTorch needed): `safetensors.numpy.save_file` writes them, and
+`safetensors.deserialize` parses and checks them (its NumPy loader has no
+bfloat16, a common dtype for PEFT adapters, so the raw little-endian data is
+turned into float32 arrays here). Directories are written atomically
+(`keras_adapters._io.atomic_directory`).
 """
 
 import dataclasses
@@ -28,14 +31,16 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 import weakref
 
 import keras
 import numpy as np
+import safetensors
+import safetensors.numpy
 
+from keras_adapters import _io
+from keras_adapters import _validation
 from keras_adapters import layers as adapter_layers
 from keras_adapters import model as adapter_model
 from keras_adapters import targeting
@@ -298,6 +303,7 @@ def load_peft_adapter(model, path, *, name: str = "default"):
     ```
     """
     adapter_model.check_model(model)
+    name = _validation.check_name("name", name)
     root = _root(model)
     architecture = _architecture(root)
     directory = _check_adapter_directory(path)
@@ -312,10 +318,14 @@ def load_peft_adapter(model, path, *, name: str = "default"):
         targets=targeting.PathsTarget(sorted(plan), root.name),
         name=name,
     )
-    for layer_path, _, lora_a, lora_b in _lora_layers(model, name)[1]:
-        a, b = plan[layer_path]
-        lora_a.assign(a.T)
-        lora_b.assign(b.T)
+    try:
+        for layer_path, _, lora_a, lora_b in _lora_layers(model, name)[1]:
+            a, b = plan[layer_path]
+            lora_a.assign(a.T)
+            lora_b.assign(b.T)
+    except BaseException:  # interrupted: leave the model as it was
+        adapter_model.delete_adapter(model, name)
+        raise
     _ORIGINS.setdefault(root, {})[name] = _Origin(
         adapter=lora,
         module_prefix=prefix,
@@ -485,13 +495,14 @@ def save_peft_adapter(
         "lora_bias": False,
     }
     _warn_about_other_trained_weights(model, name)
-    _write_directory(
-        path,
-        {
-            CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-            WEIGHTS_FILE: _safetensors_bytes(tensors),
-        },
-    )
+    with _io.atomic_directory(path, overwrite=overwrite) as staging:
+        with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        safetensors.numpy.save_file(
+            {k: np.ascontiguousarray(v, dtype="<f4") for k, v in tensors.items()},
+            os.path.join(staging, WEIGHTS_FILE),
+            metadata={"format": "pt"},
+        )
 
 
 # Access to the model's adapters (one place, for several adapters per layer).
@@ -676,6 +687,7 @@ def _check_adapter_directory(path):
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"`path` must be a str or os.PathLike; received {path!r}.")
     directory = os.fspath(path)
+    _io.recover_directory(directory)  # a save killed mid-swap
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"No PEFT adapter directory at {directory!r} (expected a directory "
@@ -698,9 +710,16 @@ def _check_adapter_directory(path):
 
 def _read_config(directory):
     path = os.path.join(directory, CONFIG_FILE)
+
+    def refuse_constant(name):
+        raise ValueError(f"{path!r} holds {name}; every number must be finite.")
+
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path!r} is not UTF-8 text: {error}") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path!r} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
@@ -748,11 +767,22 @@ def _lora_from_config(config, architecture, directory):
                 f"{_target_names(architecture)}."
             )
     try:
+        # Checked here too: JSON numbers reach LoRA as plain ints and floats.
         return LoRA(
-            rank=config.get("r"),
-            alpha=config.get("lora_alpha", 8),
-            use_rslora=config.get("use_rslora", False),
-            dropout=config.get("lora_dropout", 0.0),
+            rank=_validation.check_positive_int("r", config.get("r")),
+            alpha=_validation.check_number(
+                "lora_alpha", config.get("lora_alpha", 8), low=0, low_inclusive=False
+            ),
+            use_rslora=_validation.check_bool(
+                "use_rslora", config.get("use_rslora", False)
+            ),
+            dropout=_validation.check_number(
+                "lora_dropout",
+                config.get("lora_dropout", 0.0),
+                low=0,
+                high=1,
+                high_inclusive=False,
+            ),
         )
     except ValueError as error:
         raise ValueError(
@@ -874,74 +904,47 @@ def _plan(root, architecture, factors, lora, config, directory):
     return plan
 
 
-# safetensors, with NumPy: an 8-byte little-endian header length, a JSON
-# header {name: {"dtype", "shape", "data_offsets"}}, then the raw data.
+# safetensors: parsed and checked by the package; the float dtypes a LoRA
+# factor may have, as little-endian NumPy dtypes (BF16 is widened by hand).
 
 _SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
 def _read_safetensors(path):
-    """`{name: float32 array}` from a safetensors file of float tensors."""
+    """`{name: float32 array}` from a safetensors file of finite float tensors."""
     with open(path, "rb") as f:
         data = f.read()
-
-    def corrupt(reason):
-        return ValueError(f"{path!r} is not a valid safetensors file: {reason}.")
-
-    if len(data) < 8:
-        raise corrupt("it is shorter than its header")
-    size = int.from_bytes(data[:8], "little")
-    if size > len(data) - 8:
-        raise corrupt("its header length exceeds the file")
     try:
-        header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise corrupt(f"unreadable header ({error})") from None
-    if not isinstance(header, dict):
-        raise corrupt("its header is not a JSON object")
-    buffer = memoryview(data)[8 + size :]
+        entries = safetensors.deserialize(data)
+    except Exception as error:  # SafetensorError, and anything a bad file raises
+        raise ValueError(
+            f"{path!r} is not a valid safetensors file: {error}."
+        ) from None
     tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape = info["dtype"], [int(d) for d in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise corrupt(f"bad header entry for {key!r}: {info!r}") from None
+    for key, info in entries:
+        dtype, shape, raw = info["dtype"], list(info["shape"]), info["data"]
         if dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(
                 f"Tensor {key!r} in {path!r} has dtype {dtype}; LoRA factors must "
                 f"be floating point ({', '.join(_SAFETENSORS_DTYPES)})."
             )
         numpy_dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
-        if not 0 <= begin <= end <= len(buffer) or (
-            end - begin != math.prod(shape) * numpy_dtype.itemsize
-        ):
-            raise corrupt(f"the data offsets of {key!r} do not fit its shape")
-        array = np.frombuffer(buffer[begin:end], dtype=numpy_dtype)
+        if len(raw) != math.prod(shape) * numpy_dtype.itemsize:
+            raise ValueError(
+                f"{path!r} is not a valid safetensors file: the data of {key!r} "
+                "does not fit its shape."
+            )
+        array = np.frombuffer(raw, dtype=numpy_dtype)
         if dtype == "BF16":
             array = (array.astype(np.uint32) << 16).view(np.float32)
-        tensors[key] = array.astype(np.float32).reshape(shape)
+        array = array.astype(np.float32).reshape(shape)
+        if not np.all(np.isfinite(array)):
+            raise ValueError(
+                f"Tensor {key!r} in {path!r} holds NaN or infinite values; an "
+                "adapter's factors must be finite."
+            )
+        tensors[key] = array
     return tensors
-
-
-def _safetensors_bytes(tensors):
-    """A safetensors file holding `tensors` as float32 (sorted by name)."""
-    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for key in sorted(tensors):
-        array = np.ascontiguousarray(tensors[key], dtype="<f4")
-        raw = array.tobytes()
-        header[key] = {
-            "dtype": "F32",
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + len(raw)],
-        }
-        chunks.append(raw)
-        offset += len(raw)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks)
 
 
 def _numpy(variable):
@@ -957,6 +960,7 @@ def _check_output_directory(path, overwrite):
     if not isinstance(overwrite, bool):
         raise ValueError(f"`overwrite` must be a bool; received {overwrite!r}.")
     path = os.path.abspath(os.fspath(path))
+    _io.recover_directory(path)  # a save killed mid-swap
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise ValueError(f"{path!r} exists and is not a directory.")
@@ -966,31 +970,3 @@ def _check_output_directory(path, overwrite):
                 "replace it (its whole content)."
             )
     return path
-
-
-def _write_directory(path, files):
-    """Writes `{file name: bytes}` into a temporary directory beside `path`,
-    then renames it to `path` (replacing an existing directory)."""
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(
-        dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-    )
-    try:
-        for file_name, data in files.items():
-            with open(os.path.join(tmp, file_name), "wb") as f:
-                f.write(data)
-        if os.path.exists(path):
-            old = tmp + ".old"
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

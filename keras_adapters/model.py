@@ -2,10 +2,12 @@
 
 import dataclasses
 import math
+import os
 import warnings
 
 import keras
 
+from keras_adapters import _io
 from keras_adapters import _keras_internals as internals
 from keras_adapters import _validation
 from keras_adapters import layers as adapter_layers
@@ -153,8 +155,7 @@ def check_model(model):
         )
     if not model.built:
         raise ValueError(
-            f"Model '{model.name}' is not built; call it on data or call build() "
-            "before enabling adapters."
+            f"Model '{model.name}' is not built; call it on data or call build() first."
         )
 
 
@@ -712,13 +713,28 @@ class _AdaptedModel:
     adapters, and then loads every weight, adapter variables included.
     """
 
-    def save(self, filepath, *args, **kwargs):
+    def save(self, filepath, overwrite=True, zipped=None, **kwargs):
+        """`keras.Model.save`, crash-safe for `.keras` files.
+
+        Keras writes a `.keras` file in place, so a process killed while
+        saving would destroy the file at `filepath`. Here the file is
+        written to a temporary file next to it and renamed over it (see
+        `keras_adapters._io.atomic_file`): `filepath` always holds the old
+        or the new complete file.
+        """
+        atomic = (
+            isinstance(filepath, (str, os.PathLike))
+            and str(filepath).endswith(".keras")
+            and zipped is not False
+            and (overwrite or not os.path.exists(filepath))
+        )
+        if not atomic:
+            return super().save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)
         # Keras opens the file before it serializes the config; checking the
-        # config first means a model that cannot be saved leaves no broken
-        # (or overwritten) file behind.
-        if str(filepath).endswith(".keras"):
-            self.get_config()
-        return super().save(filepath, *args, **kwargs)
+        # config first means a model that cannot be saved writes nothing.
+        self.get_config()
+        with _io.atomic_file(filepath, suffix=".keras") as tmp:
+            return super().save(tmp, overwrite=True, zipped=zipped, **kwargs)
 
     def get_config(self):
         base_class = internals.base_class(self)

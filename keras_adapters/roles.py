@@ -79,10 +79,10 @@ def check_roles(roles, argument="roles") -> tuple:
     """`roles` (a role or a sequence of roles) as a tuple without repeats."""
     if isinstance(roles, str):
         roles = (roles,)
-    if not isinstance(roles, (list, tuple)):
+    if not isinstance(roles, (list, tuple)) or not roles:
         raise ValueError(
-            f"`{argument}` must be attention roles from {list(ATTENTION_ROLES)}; "
-            f"received {roles!r}."
+            f"`{argument}` must be a non-empty tuple of attention roles from "
+            f"{list(ATTENTION_ROLES)}; received {roles!r}."
         )
     for role in roles:
         if role not in ATTENTION_ROLES:

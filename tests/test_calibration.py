@@ -257,6 +257,11 @@ Z22 = np.zeros((2, 2))
         (cal.fit_temperature, (Z22, [0, 1]), {"tolerance": 0}, "tolerance"),
         (cal.fit_temperature, (Z22, [0, 1]), {"max_iterations": 0}, "max_iter"),
         (cal.nll, (Z22, [0, 1]), {"temperature": -1.0}, "temperature"),
+        (cal.nll, (Z22, [0, 1]), {"temperature": float("nan")}, "received nan"),
+        (cal.fit_temperature, (Z22, [0, 1]), {"bounds": (1, np.inf)}, "bounds"),
+        (cal.fit_temperature, (Z22, [0, 1]), {"tolerance": np.nan}, "tolerance"),
+        (cal.TemperatureScaling, (float("inf"),), {}, "received inf"),
+        (cal.calibration_errors, (Z22, [0, 1]), {"num_bins": 2.0}, "num_bins"),
         (cal.TemperatureScaling, (0.0,), {}, "temperature"),
         (cal.calibration_errors, (Z22, [0, 1]), {"num_bins": 0}, "num_bins"),
     ],
@@ -264,6 +269,13 @@ Z22 = np.zeros((2, 2))
 def test_validation(function, args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         function(*args, **kwargs)
+
+
+def test_numpy_scalars_are_accepted():
+    assert cal.nll(Z22, [0, 1], temperature=np.float32(2.0)) == pytest.approx(
+        cal.nll(Z22, [0, 1], temperature=2.0)
+    )
+    assert cal.calibration_errors(Z22, [0, 1], num_bins=np.int64(4))["ece"] >= 0
 
 
 def _classifier():

@@ -2,6 +2,9 @@
 
 import os
 import re
+import stat
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -91,22 +94,73 @@ def test_export_of_a_plain_functional_model_with_adapters(tmp_path):
     )
 
 
+def _plain_models():
+    keras.utils.set_random_seed(0)
+    sequential = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(8, name="hidden"), keras.layers.Dense(3)]
+    )
+    unnamed = keras.Input((6,))
+    functional = keras.Model(unnamed, keras.layers.Dense(3, name="hidden")(unnamed))
+    left, right = keras.Input((6,), name="left"), keras.Input((6,))
+    hidden = keras.layers.Dense(3, name="hidden")(keras.layers.Add()([left, right]))
+    two_inputs = keras.Model([left, right], hidden)
+    return {
+        "sequential": (sequential, ["inputs"]),
+        "unnamed functional": (functional, ["inputs"]),
+        "two positional inputs": (two_inputs, ["inputs_0", "inputs_1"]),
+    }
+
+
+@pytest.mark.parametrize(
+    "kind", ["sequential", "unnamed functional", "two positional inputs"]
+)
+def test_export_of_sequential_and_unnamed_inputs(tmp_path, kind):
+    model, names = _plain_models()[kind]
+    ka.enable_adapter(model, ka.LoRA(rank=2), targets="hidden")
+    for variable in ka.adapter_variables(model):
+        variable.assign(np.full(variable.shape, 0.2))
+    report = ka.export_saved_model(model, tmp_path / "plain")
+    assert list(report.inputs) == names
+    x = {n: np.random.default_rng(i).normal(size=(2, 6)) for i, n in enumerate(names)}
+    _, served = _serve(report.path, {n: v.astype("float32") for n, v in x.items()})
+    call = x[names[0]] if len(names) == 1 else [x[n] for n in names]
+    np.testing.assert_allclose(
+        served, keras.ops.convert_to_numpy(model(call)), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_fixed_shapes_are_an_explicit_option(tmp_path):
     model = _adapted("bert")
     report = ka.export_saved_model(model, tmp_path / "fixed", sequence_length=8)
     assert all(shape == (None, 8) for shape, _ in report.inputs.values())
 
 
+def _dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
 def test_existing_directory_is_refused_unless_overwrite(tmp_path):
     model = _adapted("functional")
     target = tmp_path / "serving"
     target.mkdir()
+    os.chmod(target, 0o750)
     (target / "keep.txt").write_text("user data")
     with pytest.raises(ValueError, match="exists and is not an empty directory"):
         ka.export_saved_model(model, target)
     assert os.listdir(target) == ["keep.txt"]
+    # What killed exports leave: a staging directory, and (killed between the
+    # two renames of a swap without renameat2) the old export as a backup.
+    dead = _dead_pid()
+    (tmp_path / f".serving.staging-{dead}-0123abcd").mkdir()
+    os.rename(target, tmp_path / f".serving.backup-{dead}-4567cdef")
+    with pytest.raises(ValueError, match="exists and is not an empty directory"):
+        ka.export_saved_model(model, target)  # the backup is restored first
+    assert os.listdir(target) == ["keep.txt"]
     ka.export_saved_model(model, target, overwrite=True)
     assert "saved_model.pb" in os.listdir(target)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o750
     assert sorted(os.listdir(tmp_path)) == ["serving"]
 
 
@@ -132,6 +186,19 @@ def test_bad_arguments(tmp_path):
         ka.export_saved_model(model, tmp_path / "x", sequence_length=0)
     with pytest.raises(ValueError, match="`sample_inputs` must be a dict"):
         ka.export_saved_model(model, tmp_path / "x", sample_inputs={"a": 1})
+    nan_inputs = {"features": np.full((2, 4, 8), np.nan)}
+    functional = _adapted("functional")
+    with pytest.raises(ValueError, match=r"`sample_inputs\['features'\]` must be"):
+        ka.export_saved_model(functional, tmp_path / "x", sample_inputs=nan_inputs)
+    with pytest.raises(ValueError, match=r"must have the shape \(None, 4, 8\)"):
+        ka.export_saved_model(
+            functional, tmp_path / "x", sample_inputs={"features": np.zeros((2, 3))}
+        )
+    for bad in (float("nan"), 0, -1.0, "1e-5"):
+        with pytest.raises(ValueError, match="`tolerance` must be"):
+            ka.export_saved_model(functional, tmp_path / "x", tolerance=bad)
+    with pytest.raises(ValueError, match="`overwrite` must be a bool"):
+        ka.export_saved_model(functional, tmp_path / "x", overwrite="yes")
     assert os.listdir(tmp_path) == []
 
 
@@ -175,6 +242,22 @@ def test_export_with_preprocessor_takes_raw_strings(tmp_path):
     np.testing.assert_allclose(
         served, classifier.predict(texts, verbose=0), rtol=1e-5, atol=1e-6
     )
+    # The documented usage: the verification on the user's own texts.
+    report = ka.export_saved_model(
+        classifier,
+        tmp_path / "text",
+        preprocessor=classifier.preprocessor,
+        sample_inputs={"texts": ["bank goal", "goal"]},
+        overwrite=True,
+    )
+    assert report.max_relative_difference <= 1e-5
+    with pytest.raises(ValueError, match="must be a 1-D array of strings"):
+        ka.export_saved_model(
+            classifier,
+            tmp_path / "other",
+            preprocessor=True,
+            sample_inputs={"texts": np.zeros((2, 3))},
+        )
 
 
 @pytest.mark.skipif(

@@ -340,7 +340,7 @@ def test_export_writes_atomically_and_refuses_to_clobber(tmp_path):
         interop.save_peft_adapter(backbone, tmp_path / "file")
 
 
-# Reading safetensors without the safetensors package.
+# Half-precision factors (bfloat16 is read without safetensors.numpy).
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -411,7 +411,18 @@ def bert():
             r"attention\.self\.query",
         ),
         ({"r": 8}, r"r=8.*need \(8, 32\) and \(32, 8\)"),
-        ({"lora_alpha": 0}, r"invalid LoRA setting: `alpha` must be a positive"),
+        ({"lora_alpha": 0}, r"invalid LoRA setting: `lora_alpha` must be a finite"),
+        ({"lora_alpha": float("nan")}, r"adapter_config.json' holds NaN; every number"),
+        ({"lora_alpha": float("-inf")}, r"holds -Infinity; every number must be"),
+        (
+            {"lora_alpha": "16"},
+            r"`lora_alpha` must be a finite number > 0; received '16'",
+        ),
+        ({"r": "2"}, r"`r` must be an int >= 1; received '2'"),
+        ({"r": 2.5}, r"`r` must be an int >= 1; received 2.5"),
+        ({"r": None}, r"`r` must be an int >= 1; received None"),
+        ({"lora_dropout": 1.5}, r"`lora_dropout` must be a finite number in \[0, 1\)"),
+        ({"use_rslora": "yes"}, r"`use_rslora` must be a bool"),
         (
             {"auto_mapping": {"base_model_class": "LlamaForCausalLM"}},
             r"trained on a LlamaForCausalLM, the model is BERT",
@@ -528,6 +539,38 @@ def test_missing_or_pickled_weights_raise(bert, tmp_path):
     with pytest.raises(ValueError, match="not a valid safetensors file"):
         interop.load_peft_adapter(bert, directory)
     assert ka.adapted_layers(bert) == []
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"peft_type": "LORA", "r": 2, "x": "\xff\xfe"}', "is not UTF-8 text"),
+        (b'{"peft_type": "LORA", "r": 2', "is not valid JSON"),
+        (b'["LORA"]', "does not hold a JSON object"),
+    ],
+)
+def test_corrupted_adapter_config_raises(bert, tmp_path, content, message):
+    snapshot = _snapshot(bert)
+    directory = _edited(tmp_path, "bert_lora")
+    (directory / "adapter_config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        interop.load_peft_adapter(bert, directory)
+    assert str(directory / "adapter_config.json") in str(error.value)
+    _assert_unchanged(bert, snapshot)
+
+
+def test_non_finite_factors_raise(bert, tmp_path):
+    snapshot = _snapshot(bert)
+    directory = _edited(tmp_path, "bert_lora")
+    tensors = _read_tensors(directory)
+    key = sorted(tensors)[0]
+    tensors[key] = np.full(tensors[key].shape, np.nan, np.float32)
+    pytest.importorskip("safetensors.numpy").save_file(
+        tensors, str(directory / "adapter_model.safetensors")
+    )
+    with pytest.raises(ValueError, match=r"holds NaN or infinite values"):
+        interop.load_peft_adapter(bert, directory)
+    _assert_unchanged(bert, snapshot)
 
 
 def test_loading_twice_needs_a_new_name_and_then_adds_a_second_adapter():

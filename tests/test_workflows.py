@@ -274,6 +274,9 @@ def test_lp_ft_with_a_dataset():
         ({"lp_l2": -1.0}, "l2"),
         ({"lp_epochs": 0}, "epochs"),
         ({"lp_learning_rate": 0}, "learning_rate"),
+        ({"lp_learning_rate": float("nan")}, "`learning_rate` must be .* received nan"),
+        ({"lp_l2": float("inf")}, "`l2` must be a finite number >= 0; received inf"),
+        ({"epochs": 2.0}, "`epochs` must be an int >= 1; received 2.0"),
         ({"head": "body2"}, "body2"),
     ],
 )
@@ -424,9 +427,19 @@ def test_lora_student_recovers_the_planted_direction():
         (lambda: ts.train_student(ts.make_problem(4), "lorax"), "method"),
         (lambda: ts.train_student(ts.make_problem(4), steps=0), "steps"),
         (lambda: ts.train_student(ts.make_problem(4), learning_rate=-1), "learning"),
+        (
+            lambda: ts.train_student(ts.make_problem(4), learning_rate=np.nan),
+            "`learning_rate` must be a finite number > 0; received nan",
+        ),
+        (lambda: ts.make_problem(dim=4, perturbation_norm=np.inf), "received inf"),
         (lambda: ts.build_network(ts.make_problem(4), np.zeros((3, 4))), "shape"),
     ],
 )
 def test_teacher_student_validation(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_numpy_integers_are_accepted():
+    problem = ts.make_problem(dim=np.int64(4), hidden=np.int32(1), seed=np.int64(0))
+    assert problem.dim == 4 and isinstance(problem.dim, int)

@@ -13,17 +13,7 @@ import keras
 
 from keras_adapters import _keras_internals as internals
 from keras_adapters import layers as adapter_layers
-
-
-def check_model(model):
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Expected a Keras model, received {type(model).__name__}: {model!r}."
-        )
-    if not model.built:
-        raise ValueError(
-            f"Model '{model.name}' is not built; call it on data or call build() first."
-        )
+from keras_adapters.model import check_model
 
 
 def _output_layer(model):

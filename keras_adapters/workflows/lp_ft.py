@@ -19,42 +19,15 @@ features little. The same holds with LoRA in the second stage (LP-LoRA).
 """
 
 import dataclasses
-import math
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_adapters import _validation
 from keras_adapters import model as adapter_model
 from keras_adapters.adapters.base import Adapter
 from keras_adapters.workflows import heads
-
-
-def _is_int(value, minimum):
-    return (
-        isinstance(value, (int, np.integer))
-        and not isinstance(value, bool)
-        and value >= minimum
-    )
-
-
-def _check_int(name, value, minimum):
-    if not _is_int(value, minimum):
-        raise ValueError(f"`{name}` must be an int >= {minimum}; received {value!r}.")
-    return int(value)
-
-
-def _check_positive(name, value, allow_zero=False):
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, bool
-    )
-    ok = ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(
-            f"`{name}` must be a finite number {bound}; received {value!r}."
-        )
-    return float(value)
 
 
 def _to_numpy(value):
@@ -340,13 +313,17 @@ def linear_probe(
     candidates = _check_l2(l2)
     if len(candidates) > 1 and validation_data is None:
         raise ValueError("Choosing among several `l2` values needs `validation_data`.")
-    epochs = _check_int("epochs", epochs, 1)
+    epochs = _validation.check_number("epochs", epochs, low=1, integer=True)
     if steps_per_epoch is not None:
-        steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
-    learning_rate = _check_positive("learning_rate", learning_rate)
-    tolerance = _check_positive("tolerance", tolerance, allow_zero=True)
-    patience = _check_int("patience", patience, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
+        steps_per_epoch = _validation.check_number(
+            "steps_per_epoch", steps_per_epoch, low=1, integer=True
+        )
+    learning_rate = _validation.check_number(
+        "learning_rate", learning_rate, low=0, low_inclusive=False
+    )
+    tolerance = _validation.check_number("tolerance", tolerance, low=0)
+    patience = _validation.check_number("patience", patience, low=1, integer=True)
+    batch_size = _validation.check_number("batch_size", batch_size, low=1, integer=True)
     extractor = heads.feature_extractor(model, layer)
     num_classes = layer.kernel.shape[-1]
 
@@ -406,7 +383,7 @@ def _check_l2(l2):
         raise ValueError("`l2` is an empty sequence.")
     for value in values:
         if value is not None:
-            _check_positive("l2", value, allow_zero=True)
+            _validation.check_number("l2", value, low=0)
     return [None if v is None else float(v) for v in values]
 
 
@@ -654,11 +631,11 @@ def lp_ft(
         raise ValueError(f"`probe_first` must be a bool; received {probe_first!r}.")
     if finetune is None and not probe_first:
         raise ValueError("`finetune=None` with `probe_first=False` does nothing.")
-    epochs = _check_int("epochs", epochs, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    probe_size = _check_int("probe_size", probe_size, 0)
+    epochs = _validation.check_number("epochs", epochs, low=1, integer=True)
+    batch_size = _validation.check_number("batch_size", batch_size, low=1, integer=True)
+    probe_size = _validation.check_number("probe_size", probe_size, low=0, integer=True)
     if seed is not None:
-        seed = _check_int("seed", seed, 0)
+        seed = _validation.check_number("seed", seed, low=0, integer=True)
     if callbacks is not None and not isinstance(callbacks, (list, tuple)):
         raise ValueError(f"`callbacks` must be a list; received {callbacks!r}.")
     if adapter_model.adapted_layers(model):

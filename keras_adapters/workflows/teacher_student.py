@@ -37,31 +37,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_adapters import _validation
 from keras_adapters import model as adapter_model
 from keras_adapters.adapters.lora import LoRA
 
 METHODS = ("lora", "full", "scratch")
-
-
-def _check_int(name, value, minimum):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        raise ValueError(f"`{name}` must be an int >= {minimum}; received {value!r}.")
-    return int(value)
-
-
-def _check_positive(name, value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"`{name}` must be a finite number > 0; received {value!r}.")
-    return float(value)
 
 
 def _rng(seed, *stream):
@@ -131,11 +111,13 @@ def make_problem(
     problem = ts.make_problem(dim=64, hidden=4, seed=0)
     ```
     """
-    dim = _check_int("dim", dim, 2)
-    hidden = _check_int("hidden", hidden, 1)
+    dim = _validation.check_number("dim", dim, low=2, integer=True)
+    hidden = _validation.check_number("hidden", hidden, low=1, integer=True)
     if hidden > dim:
         raise ValueError(f"`hidden` must be <= `dim` = {dim}; received {hidden}.")
-    perturbation_norm = _check_positive("perturbation_norm", perturbation_norm)
+    perturbation_norm = _validation.check_number(
+        "perturbation_norm", perturbation_norm, low=0, low_inclusive=False
+    )
     if not isinstance(activation, str):
         raise ValueError(f"`activation` must be a name; received {activation!r}.")
     try:
@@ -145,7 +127,7 @@ def make_problem(
             f"Unknown activation {activation!r}; use a Keras activation name "
             "such as 'relu' or 'tanh'."
         ) from None
-    seed = _check_int("seed", seed, 0)
+    seed = _validation.check_number("seed", seed, low=0, integer=True)
     # Separate streams for the d-dimensional and the k-dimensional draws, so
     # that problems of different `dim` with one seed share `a` and `c`.
     rng = _rng(seed, 0)
@@ -231,7 +213,7 @@ class GaussianInputs(keras.layers.Layer):
 
     def __init__(self, dim, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.dim = _check_int("dim", dim, 1)
+        self.dim = _validation.check_number("dim", dim, low=1, integer=True)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -397,14 +379,16 @@ def train_student(
     _check_problem(problem)
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}; received {method!r}.")
-    steps = _check_int("steps", steps, 1)
-    log_every = _check_int("log_every", log_every, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    test_size = _check_int("test_size", test_size, 1)
-    seed = _check_int("seed", seed, 0)
+    steps = _validation.check_number("steps", steps, low=1, integer=True)
+    log_every = _validation.check_number("log_every", log_every, low=1, integer=True)
+    batch_size = _validation.check_number("batch_size", batch_size, low=1, integer=True)
+    test_size = _validation.check_number("test_size", test_size, low=1, integer=True)
+    seed = _validation.check_number("seed", seed, low=0, integer=True)
     if learning_rate is None:
         learning_rate = batch_size / problem.dim
-    learning_rate = _check_positive("learning_rate", learning_rate)
+    learning_rate = _validation.check_number(
+        "learning_rate", learning_rate, low=0, low_inclusive=False
+    )
     num_logs = -(-steps // log_every)
 
     rng = _rng(seed, 2, problem.seed)
