@@ -73,8 +73,8 @@ def _describe(low, high, low_inclusive, high_inclusive, integer):
     if low is None and high is None:
         return kind
     if high is None:
-        if (low == 0 and not low_inclusive) or (integer and low == 1):
-            return "a positive int" if integer else "a positive number"
+        if low == 0 and not low_inclusive:
+            return "a positive int" if integer else "a finite number > 0"
         return f"{kind} {'>=' if low_inclusive else '>'} {low}"
     if low is None:
         return f"{kind} {'<=' if high_inclusive else '<'} {high}"
@@ -84,8 +84,8 @@ def _describe(low, high, low_inclusive, high_inclusive, integer):
 
 
 def check_positive_int(name: str, value) -> int:
-    """`check_number(name, value, low=1, integer=True)`."""
-    return check_number(name, value, low=1, integer=True)
+    """`check_number(name, value, low=1, integer=True)`: "a positive int"."""
+    return check_number(name, value, low=1, integer=True, allowed="a positive int")
 
 
 def check_optional_number(name: str, value, **kwargs):

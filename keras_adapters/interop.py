@@ -34,7 +34,6 @@ import re
 import warnings
 import weakref
 
-import keras
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -44,7 +43,8 @@ from keras_adapters import _validation
 from keras_adapters import layers as adapter_layers
 from keras_adapters import model as adapter_model
 from keras_adapters import targeting
-from keras_adapters.adapters.lora import LoRA
+from keras_adapters.adapters.base import ADAPTER_METHODS
+from keras_adapters.adapters.base import Adapter
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -246,7 +246,7 @@ _IGNORED_SETTINGS = {
 class _Origin:
     """Where an imported adapter came from, for `save_peft_adapter` defaults."""
 
-    adapter: LoRA
+    adapter: Adapter
     module_prefix: str
     task_type: str | None
     base_model_name_or_path: str | None
@@ -310,7 +310,7 @@ def load_peft_adapter(model, path, *, name: str = "default"):
     config = _read_config(directory)
     lora = _lora_from_config(config, architecture, directory)
     tensors = _read_safetensors(os.path.join(directory, WEIGHTS_FILE))
-    prefix, factors = _match_tensors(tensors, architecture, directory)
+    prefix, factors = _match_tensors(tensors, architecture, directory, type(lora))
     plan = _plan(root, architecture, factors, lora, config, directory)
     report = adapter_model.enable_adapter(
         model,
@@ -319,10 +319,9 @@ def load_peft_adapter(model, path, *, name: str = "default"):
         name=name,
     )
     try:
-        for layer_path, _, lora_a, lora_b in _lora_layers(model, name)[1]:
-            a, b = plan[layer_path]
-            lora_a.assign(a.T)
-            lora_b.assign(b.T)
+        for layer_path, _, slot in _lora_layers(model, name)[1]:
+            for variable_name, value in plan[layer_path].items():
+                slot[variable_name].assign(value)
     except BaseException:  # interrupted: leave the model as it was
         adapter_model.delete_adapter(model, name)
         raise
@@ -450,12 +449,12 @@ def save_peft_adapter(
 
     to_module = _keras_to_hf(architecture)
     modules, unmapped = {}, []
-    for layer_path, _, lora_a, lora_b in rows:
+    for layer_path, _, slot in rows:
         module = to_module(layer_path)
         if module is None:
             unmapped.append(layer_path)
         else:
-            modules[module] = (lora_a, lora_b)
+            modules[module] = slot
     if unmapped:
         raise ValueError(
             f"Adapter {name!r} adapts layers without a Hugging Face "
@@ -463,22 +462,18 @@ def save_peft_adapter(
             f"these layers: {[k for _, k in architecture.modules]}."
         )
     tensors = {}
-    for module, (lora_a, lora_b) in modules.items():
+    for module, slot in modules.items():
         key = f"{_KEY_PREFIX}{module_prefix}{module}"
-        tensors[f"{key}.lora_A.weight"] = _numpy(lora_a).T
-        tensors[f"{key}.lora_B.weight"] = _numpy(lora_b).T
+        for tensor, value in lora.to_peft_tensors(slot).items():
+            tensors[f"{key}.{tensor}.weight"] = value
     available = {m for m in map(to_module, _layer_paths(root)) if m is not None}
-    alpha = lora.rank if lora.alpha is None else lora.alpha
     config = {
-        "peft_type": "LORA",
+        "peft_type": lora.peft_type,
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
-        "r": lora.rank,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": lora.dropout,
-        "use_rslora": lora.use_rslora,
+        **lora.peft_config(),
         "target_modules": _target_modules(
             architecture, set(modules), available, module_prefix
         ),
@@ -516,8 +511,8 @@ def _lora_layers(model, name):
     """The LoRA adapter `name` of `model` and its layers.
 
     Returns:
-        `(adapter, [(layer path relative to the root, layer, lora_a,
-        lora_b)])`, in the order the adapter group lists its layers.
+        `(adapter, [(layer path relative to the root, layer, AdapterSlot)])`,
+        in the order the adapter group lists its layers.
     """
     groups = adapter_model.adapter_groups(model)
     if not groups:
@@ -531,7 +526,7 @@ def _lora_layers(model, name):
             f"Model '{model.name}' has no adapter named {name!r}; it has "
             f"{[g.name for g in groups]}."
         )
-    if not isinstance(group.adapter, LoRA):
+    if group.adapter.peft_type is None:
         raise ValueError(
             f"Adapter {name!r} of model '{model.name}' is "
             f"{type(group.adapter).__name__} ({group.adapter.method}); only LoRA "
@@ -546,7 +541,7 @@ def _lora_layers(model, name):
     for layer_path in group.layer_paths:
         layer = layers[layer_path]
         slot = adapter_layers.slots(layer)[name]
-        rows.append((layer_path, layer, slot["lora_a"], slot["lora_b"]))
+        rows.append((layer_path, layer, slot))
     return group.adapter, rows
 
 
@@ -730,7 +725,7 @@ def _read_config(directory):
 def _lora_from_config(config, architecture, directory):
     """Checks a PEFT config and returns the matching `ka.LoRA`."""
     peft_type = config.get("peft_type")
-    if peft_type != "LORA":
+    if peft_type not in {c.peft_type for c in ADAPTER_METHODS.values()} - {None}:
         raise ValueError(
             f"{directory!r} is a PEFT adapter with peft_type={peft_type!r}; only "
             "LoRA adapters (peft_type='LORA') can be imported."
@@ -767,23 +762,7 @@ def _lora_from_config(config, architecture, directory):
                 f"{_target_names(architecture)}."
             )
     try:
-        # Checked here too: JSON numbers reach LoRA as plain ints and floats.
-        return LoRA(
-            rank=_validation.check_positive_int("r", config.get("r")),
-            alpha=_validation.check_number(
-                "lora_alpha", config.get("lora_alpha", 8), low=0, low_inclusive=False
-            ),
-            use_rslora=_validation.check_bool(
-                "use_rslora", config.get("use_rslora", False)
-            ),
-            dropout=_validation.check_number(
-                "lora_dropout",
-                config.get("lora_dropout", 0.0),
-                low=0,
-                high=1,
-                high_inclusive=False,
-            ),
-        )
+        return _peft_method(peft_type).from_peft_config(config)
     except ValueError as error:
         raise ValueError(
             f"{os.path.join(directory, CONFIG_FILE)!r} has an invalid LoRA "
@@ -791,21 +770,34 @@ def _lora_from_config(config, architecture, directory):
         ) from None
 
 
-_TENSOR_KEY = re.compile(
-    re.escape(_KEY_PREFIX) + r"(?P<module>.+)\.lora_(?P<factor>[AB])\.weight"
-)
+def _peft_method(peft_type):
+    """The registered adapter class whose `peft_type` is `peft_type`."""
+    for cls in ADAPTER_METHODS.values():
+        if cls.peft_type is not None and cls.peft_type == peft_type:
+            return cls
+    raise ValueError(f"No adapter method imports peft_type={peft_type!r}.")
 
 
-def _match_tensors(tensors, architecture, directory):
+def _tensor_key(cls):
+    """The regex of a PEFT tensor key of method `cls`."""
+    names = "|".join(map(re.escape, cls.peft_tensors))
+    return re.compile(
+        re.escape(_KEY_PREFIX) + rf"(?P<module>.+)\.(?P<factor>{names})\.weight"
+    )
+
+
+def _match_tensors(tensors, architecture, directory, cls):
     """Groups PEFT tensors by KerasHub layer.
 
     Returns:
-        `(module prefix, {keras layer path: (module, {"A": array, "B": array})})`.
+        `(module prefix, {keras layer path: (module, {tensor name: array})})`,
+        the tensor names being `cls.peft_tensors` (`lora_A`, `lora_B`).
     """
     convert = _hf_to_keras(architecture)
+    tensor_key = _tensor_key(cls)
     unexpected, unsupported, prefixes, factors = [], [], set(), {}
     for key, value in tensors.items():
-        match = _TENSOR_KEY.fullmatch(key)
+        match = tensor_key.fullmatch(key)
         if match is None:
             unexpected.append(key)
             continue
@@ -837,20 +829,18 @@ def _match_tensors(tensors, architecture, directory):
             f"The PEFT adapter in {directory!r} mixes module prefixes "
             f"{sorted(prefixes)}; expected one Hugging Face model's names."
         )
-    incomplete = [m for m, f in factors.values() if set(f) != {"A", "B"}]
+    incomplete = [m for m, f in factors.values() if set(f) != set(cls.peft_tensors)]
     if incomplete:
         raise ValueError(
-            f"The PEFT adapter in {directory!r} lacks lora_A or lora_B for "
-            f"{sorted(incomplete)}."
+            f"The PEFT adapter in {directory!r} lacks "
+            f"{' or '.join(cls.peft_tensors)} for {sorted(incomplete)}."
         )
     return prefixes.pop(), factors
 
 
 def _plan(root, architecture, factors, lora, config, directory):
-    """`{keras layer path: (A, B)}` after checking every shape against `root`.
-
-    `A` is PEFT's `(r, in)` and `B` its `(out, r)`.
-    """
+    """`{keras layer path: {variable name: value}}` after checking every shape
+    against `root` (`Adapter.from_peft_tensors`)."""
     layers = {
         targeting.relative_path(root.name, layer.path): layer
         for layer, _ in targeting.candidate_layers(root)
@@ -869,31 +859,18 @@ def _plan(root, architecture, factors, lora, config, directory):
         )
     plan = {}
     for layer_path, (module, found) in sorted(factors.items()):
-        a, b = found["A"], found["B"]
         layer = layers.get(layer_path)
         if layer is None:
             problems.append(f"{module}: the model has no layer '{layer_path}'")
             continue
         try:
-            view = adapter_layers.check_supported(layer)
-        except adapter_layers.UnsupportedLayerError as error:
+            kernel = adapter_layers.check_supported(layer)
+            values = lora.from_peft_tensors(found, kernel)
+            lora.validate(kernel)
+        except ValueError as error:  # UnsupportedLayerError too
             problems.append(f"{module}: {error}")
             continue
-        expected_a, expected_b = (lora.rank, view.d_in), (view.d_out, lora.rank)
-        if a.shape != expected_a or b.shape != expected_b:
-            problems.append(
-                f"{module}: lora_A {a.shape} and lora_B {b.shape}, but r={lora.rank} "
-                f"and layer '{layer_path}' (kernel {view.kernel_shape}, 2-D view "
-                f"{view.d_in}x{view.d_out}) need {expected_a} and {expected_b}"
-            )
-            continue
-        if lora.rank > min(view.d_in, view.d_out):
-            problems.append(
-                f"{module}: r={lora.rank} exceeds min(d_in, d_out) = "
-                f"{min(view.d_in, view.d_out)} of layer '{layer_path}'"
-            )
-            continue
-        plan[layer_path] = (a, b)
+        plan[layer_path] = values
     if problems:
         raise ValueError(
             f"The PEFT adapter in {directory!r} does not fit model '{root.name}' "
@@ -945,10 +922,6 @@ def _read_safetensors(path):
             )
         tensors[key] = array
     return tensors
-
-
-def _numpy(variable):
-    return np.asarray(keras.ops.convert_to_numpy(variable), dtype=np.float32)
 
 
 # Writing a directory atomically.

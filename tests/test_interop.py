@@ -418,9 +418,9 @@ def bert():
             {"lora_alpha": "16"},
             r"`lora_alpha` must be a finite number > 0; received '16'",
         ),
-        ({"r": "2"}, r"`r` must be an int >= 1; received '2'"),
-        ({"r": 2.5}, r"`r` must be an int >= 1; received 2.5"),
-        ({"r": None}, r"`r` must be an int >= 1; received None"),
+        ({"r": "2"}, r"`r` must be a positive int; received '2'"),
+        ({"r": 2.5}, r"`r` must be a positive int; received 2.5"),
+        ({"r": None}, r"`r` must be a positive int; received None"),
         ({"lora_dropout": 1.5}, r"`lora_dropout` must be a finite number in \[0, 1\)"),
         ({"use_rslora": "yes"}, r"`use_rslora` must be a bool"),
         (

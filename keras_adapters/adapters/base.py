@@ -144,6 +144,10 @@ class Adapter:
     - `reference_matrix(values, matrix)`: a NumPy formula of the adapted
       matrix, checked against `adapted_matrix` and the layer by the shared
       tests.
+    - PEFT interop (`ka.interop`): `peft_type` (PEFT's name of the method,
+      `"LORA"`), `peft_tensors` (the tensors PEFT stores per module),
+      `from_peft_config(config)`, `peft_config()`, `from_peft_tensors(tensors,
+      kernel)` and `to_peft_tensors(weights)`.
     - `example()`: a small configuration for the shared test matrix.
 
     Class attributes: `variable_axes` (for each variable, which dimension of
@@ -157,6 +161,8 @@ class Adapter:
     additive = False
     variable_axes = {}
     roles = {}
+    peft_type = None
+    peft_tensors = ()
 
     def get_config(self):
         raise NotImplementedError
@@ -289,6 +295,34 @@ class Adapter:
             `{variable name: value}`.
         """
         raise NotImplementedError
+
+    @classmethod
+    def from_peft_config(cls, config):
+        """The adapter a PEFT `adapter_config.json` (a dict) describes.
+
+        Raises `ValueError` naming the bad setting.
+        """
+        raise ValueError(f"{cls.__name__} adapters have no PEFT equivalent.")
+
+    def peft_config(self) -> dict:
+        """The method's own settings in a PEFT `adapter_config.json`."""
+        raise ValueError(f"{type(self).__name__} adapters have no PEFT equivalent.")
+
+    def from_peft_tensors(self, tensors, kernel) -> dict:
+        """`{variable name: value}` from one PEFT module's tensors.
+
+        Args:
+            tensors: `{name in peft_tensors: np.ndarray}` in PEFT's layout.
+            kernel: the layer's frozen kernel (its 2-D view's shapes).
+
+        Raises:
+            ValueError: a tensor has the wrong shape for this layer.
+        """
+        raise ValueError(f"{type(self).__name__} adapters have no PEFT equivalent.")
+
+    def to_peft_tensors(self, weights) -> dict:
+        """`{name in peft_tensors: np.ndarray}` in PEFT's layout."""
+        raise ValueError(f"{type(self).__name__} adapters have no PEFT equivalent.")
 
     def reference_matrix(self, values, matrix):
         """The adapted matrix by a NumPy formula (for tests).

@@ -70,7 +70,7 @@ class HUT(Adapter):
     ):
         self.rank = _validation.check_positive_int("rank", rank)
         self.alpha = _validation.check_optional_number(
-            "alpha", alpha, low=0, low_inclusive=False
+            "alpha", alpha, low=0, low_inclusive=False, allowed="a positive number"
         )
         self.a_initializer = check_initializer("a_initializer", a_initializer)
         self.b_initializer = check_initializer("b_initializer", b_initializer)

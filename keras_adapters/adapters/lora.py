@@ -61,6 +61,10 @@ class LoRA(Adapter):
     additive = True
     variable_axes = {"lora_a": ("in", None), "lora_b": (None, "out")}
     roles = {"A": "lora_a", "B": "lora_b"}
+    peft_type = "LORA"
+    # PEFT's `lora_A.weight` is `(r, in)` and `lora_B.weight` `(out, r)`: our
+    # `lora_a` `(in, r)` and `lora_b` `(r, out)` transposed.
+    peft_tensors = ("lora_A", "lora_B")
 
     def __init__(
         self,
@@ -73,7 +77,7 @@ class LoRA(Adapter):
     ):
         self.rank = _validation.check_positive_int("rank", rank)
         self.alpha = _validation.check_optional_number(
-            "alpha", alpha, low=0, low_inclusive=False
+            "alpha", alpha, low=0, low_inclusive=False, allowed="a positive number"
         )
         self.use_rslora = _validation.check_bool("use_rslora", use_rslora)
         self.dropout = float(
@@ -139,6 +143,52 @@ class LoRA(Adapter):
 
     def reference_matrix(self, values, matrix):
         return matrix + self.scale * values["lora_a"] @ values["lora_b"]
+
+    @classmethod
+    def from_peft_config(cls, config):
+        # JSON numbers reach here as plain ints and floats; checked here too.
+        return cls(
+            rank=_validation.check_positive_int("r", config.get("r")),
+            alpha=_validation.check_number(
+                "lora_alpha", config.get("lora_alpha", 8), low=0, low_inclusive=False
+            ),
+            use_rslora=_validation.check_bool(
+                "use_rslora", config.get("use_rslora", False)
+            ),
+            dropout=_validation.check_number(
+                "lora_dropout",
+                config.get("lora_dropout", 0.0),
+                low=0,
+                high=1,
+                high_inclusive=False,
+            ),
+        )
+
+    def peft_config(self):
+        alpha = self.rank if self.alpha is None else self.alpha
+        return {
+            "r": self.rank,
+            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+            "lora_dropout": self.dropout,
+            "use_rslora": self.use_rslora,
+        }
+
+    def from_peft_tensors(self, tensors, kernel):
+        a, b = tensors["lora_A"], tensors["lora_B"]
+        expected_a, expected_b = (self.rank, kernel.d_in), (kernel.d_out, self.rank)
+        if a.shape != expected_a or b.shape != expected_b:
+            raise ValueError(
+                f"lora_A {a.shape} and lora_B {b.shape}, but r={self.rank} and "
+                f"layer '{kernel.path}' (kernel {kernel.kernel_shape}, 2-D view "
+                f"{kernel.d_in}x{kernel.d_out}) need {expected_a} and {expected_b}"
+            )
+        return {"lora_a": a.T, "lora_b": b.T}
+
+    def to_peft_tensors(self, weights):
+        return {
+            "lora_A": ops.convert_to_numpy(weights["lora_a"]).T,
+            "lora_B": ops.convert_to_numpy(weights["lora_b"]).T,
+        }
 
     @classmethod
     def combine(cls, adapters, coefficients):
