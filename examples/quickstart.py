@@ -47,7 +47,6 @@ import argparse
 import math
 import os
 import time
-import warnings
 
 import _bbc_minilm as bbc
 import keras
@@ -55,9 +54,6 @@ import numpy as np
 import tensorflow as tf
 
 import keras_adapters as ka
-
-# Keras' warning about the uncompiled copy that `ka.export_saved_model` makes.
-NOT_COMPILED_WARNING = r"`compile\(\)` was not called as part of model loading"
 
 INPUTS = ("token_ids", "segment_ids", "padding_mask")
 
@@ -159,17 +155,12 @@ def main():
     # 6. Export: merged copy, verified in a fresh process; then serve from it.
     n = min(8, len(test_texts))
     sample = {k: test[k][:n] for k in INPUTS}
-    # The export merges the adapters into a copy of the model rebuilt from its
-    # config; Keras warns that it does not replay a KerasHub task's custom
-    # compile() on that copy, which is never trained: nothing to act on.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=NOT_COMPILED_WARNING)
-        export_report = ka.export_saved_model(
-            classifier,
-            os.path.join(args.output_dir, "saved_model"),
-            sample_inputs=sample,
-            overwrite=True,
-        )
+    export_report = ka.export_saved_model(
+        classifier,
+        os.path.join(args.output_dir, "saved_model"),
+        sample_inputs=sample,
+        overwrite=True,
+    )
     print(export_report)
     serve = tf.saved_model.load(export_report.path).signatures["serving_default"]
     dtypes = {k: dtype for k, (_, dtype) in export_report.inputs.items()}

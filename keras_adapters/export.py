@@ -230,6 +230,9 @@ def _sample_inputs(model, specs, batch_size=3, sequence_length=8):
 def _plain_copy(model):
     """A copy of `model` with the same weights and its adapters merged."""
     config = keras.saving.serialize_keras_object(model)
+    # The copy is never trained: without its compile config, Keras neither
+    # compiles it nor warns that a KerasHub task's compile() was not replayed.
+    config.pop("compile_config", None)
     copy = keras.saving.deserialize_keras_object(config)
     source = {targeting.relative_path(model.name, v.path): v for v in model.variables}
     for variable in copy.variables:
