@@ -11,6 +11,7 @@ import math
 import keras
 import numpy as np
 import pytest
+from _fixtures import backend_independent
 
 import keras_adapters as ka
 from keras_adapters import layers as adapter_layers
@@ -143,6 +144,7 @@ def adapted(layout, adapter_id, seed=0):
 # ------------------------------------------------------------------- tests
 
 
+@backend_independent
 @pytest.mark.parametrize("d", [2, 3, 4, 5, 7, 8, 384, 768])
 def test_reference_pairing_has_d_minus_1_blocks(d):
     stages = ka.adapters.qgoft.givens_pairs(d)
@@ -229,6 +231,8 @@ def build_dense(d_in, d_out=3):
     return keras.Model(inputs, layer(inputs)), layer
 
 
+# Counts of variables (shapes), the same under every backend.
+@backend_independent
 @pytest.mark.parametrize(
     "d, qgoft, goft", [(768, 3068, 767), (384, 1532, 383), (5, 16, 4), (2, 4, 1)]
 )
@@ -351,6 +355,7 @@ def test_no_penalty_without_orthogonality(adapter):
     np.testing.assert_allclose(history.history["loss"][0], task, rtol=1e-4)
 
 
+@backend_independent
 @pytest.mark.parametrize(
     "adapter",
     [ka.GOFT(), ka.GOFT(scale=True), ka.QGOFT(), ka.QGOFT(0.05, scale=True)],
@@ -368,6 +373,7 @@ def test_config_round_trip(adapter):
     )
 
 
+@backend_independent
 def test_regularizer_config_round_trip():
     penalty = ka.SoftOrthogonality(0.25)
     assert penalty.get_config() == {"strength": 0.25}
@@ -377,6 +383,7 @@ def test_regularizer_config_round_trip():
     assert ka.SoftOrthogonality.from_config(penalty.get_config()).strength == 0.25
 
 
+@backend_independent
 @pytest.mark.parametrize(
     "make, message",
     [
