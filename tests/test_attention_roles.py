@@ -11,6 +11,7 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
+from _fixtures import backend_independent
 from cases import MODELS
 
 import keras_adapters as ka
@@ -125,6 +126,9 @@ def _own_weights(layer):
     return [v for v in layer.weights if id(v) not in below]
 
 
+# Which layer has which role, which paths, which trainable flags and which
+# multipliers: the structure of the models, the same under every backend.
+@backend_independent
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_roles_resolve_on_every_architecture(arch):
     build, names = ARCHITECTURES[arch]
@@ -158,6 +162,7 @@ def test_roles_resolve_on_every_architecture(arch):
     ]
 
 
+@backend_independent
 def test_fused_qkv_has_no_role():
     # GPT-NeoX fuses Q, K and V into one `query_key_value` kernel.
     model = M.GPTNeoXBackbone(**ENCODER)
@@ -209,6 +214,7 @@ def test_attention_full_on_a_task_trains_the_kernels_biases_and_head():
     assert changed == _qv() | head
 
 
+@backend_independent
 def test_attention_full_options():
     case = MODELS["bert"]
     model = case.build(0)
@@ -233,6 +239,21 @@ def test_attention_full_options():
     assert _paths(ka.attention_full(backbone)) == _qv()
 
 
+@pytest.fixture(scope="module")
+def _bert_once():
+    return MODELS["bert"].build(0)
+
+
+@pytest.fixture
+def bert(_bert_once):
+    """One BERT for the module; its trainable flags are put back after each test."""
+    flags = [v.trainable for v in _bert_once.weights]
+    yield _bert_once
+    for variable, flag in zip(_bert_once.weights, flags, strict=True):
+        variable.trainable = flag
+
+
+@backend_independent
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -243,14 +264,15 @@ def test_attention_full_options():
         ({"keep_trainable": "no_such_layer"}, "matches no layer"),
     ],
 )
-def test_attention_full_bad_arguments(kwargs, match):
-    model = MODELS["bert"].build(0)
+def test_attention_full_bad_arguments(kwargs, match, bert):
+    model = bert
     flags = [v.trainable for v in model.weights]
     with pytest.raises(ValueError, match=match):
         ka.attention_full(model, **kwargs)
     assert [v.trainable for v in model.weights] == flags  # unchanged
 
 
+@backend_independent
 def test_attention_full_bad_models():
     with pytest.raises(ValueError, match="Expected a Keras model"):
         ka.attention_full("bert")

@@ -5,6 +5,7 @@ import math
 import keras
 import numpy as np
 import pytest
+from _fixtures import backend_independent
 
 import keras_adapters as ka
 from keras_adapters import layers as adapter_layers
@@ -166,6 +167,7 @@ def test_mixed_precision():
         keras.config.set_dtype_policy(previous)
 
 
+@backend_independent
 @pytest.mark.parametrize(
     "adapter",
     [
@@ -187,6 +189,7 @@ def test_config_round_trip(adapter):
     )
 
 
+@backend_independent
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -214,6 +217,7 @@ def test_rank_larger_than_layer_is_rejected():
     assert not adapter_layers.is_adapted(layer)
 
 
+@backend_independent
 def test_lora_behaviour_unchanged_by_shared_helpers():
     # The initializer table and checks moved to base.py; LoRA keeps its API.
     lora = ka.LoRA(rank=2, a_initializer="gaussian")

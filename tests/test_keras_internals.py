@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from _fixtures import backend_independent
 from keras.src import api_export
 
 from keras_adapters import _keras_internals as internals
@@ -13,6 +14,7 @@ class _Mixin:
         return super().call(inputs) * 2.0
 
 
+@backend_independent
 def test_keras_version_is_supported():
     major, minor = (int(p) for p in keras.__version__.split(".")[:2])
     assert (major, minor) >= (3, 15)
@@ -64,6 +66,7 @@ def test_switched_class_serializes_as_the_original_and_switches_back():
     assert keras.layers.Dense in api_export.REGISTERED_OBJS_TO_NAMES
 
 
+@backend_independent
 def test_layers_with_parents_walks_nested_layers_once():
     inner = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2, name="mha")
     inputs = keras.Input((3, 4))

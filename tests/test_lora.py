@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from _fixtures import backend_independent
 
 import keras_adapters as ka
 from keras_adapters.adapters import Adapter
@@ -122,6 +123,7 @@ def test_a_initializers(initializer, check):
     assert np.all(_numpy(layer.lora_b) == 0)
 
 
+@backend_independent
 def test_config_round_trip_and_registry():
     lora = ka.LoRA(
         rank=4,

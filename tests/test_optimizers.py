@@ -9,6 +9,8 @@ import math
 import keras
 import numpy as np
 import pytest
+from _fixtures import Checkpoint
+from _fixtures import backend_independent
 from cases import MODELS
 
 import keras_adapters as ka
@@ -63,8 +65,20 @@ def test_one_step_equals_bare_optimizer_at_multiplied_rate(name):
     make = OPTIMIZERS[name]
     m = 3.0
     wrapped = _weights(_fit(kopt.lr_multipliers(make(LR), {r"head/.*": m})))
-    scaled = _weights(_fit(make(LR * m)))
-    bare = _weights(_fit(make(LR)))
+    # The bare optimizer at LR and at LR * m: one model and one compiled train
+    # step (the learning rate is a variable), put back to its initial state
+    # between the two runs.
+    model = _model()
+    optimizer = make(LR)
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=True)
+    optimizer.build(model.trainable_variables)
+    initial = Checkpoint(model)
+    model.fit(X, Y, epochs=1, batch_size=BATCH, shuffle=False, verbose=0)
+    bare = _weights(model)
+    initial.restore()
+    optimizer.learning_rate = LR * m
+    model.fit(X, Y, epochs=1, batch_size=BATCH, shuffle=False, verbose=0)
+    scaled = _weights(model)
     for path in ("head/kernel", "head/bias"):
         np.testing.assert_allclose(wrapped[path], scaled[path], rtol=1e-6, atol=1e-7)
     for path in ("proj/kernel", "proj/bias"):
@@ -147,6 +161,7 @@ def test_learning_rate_schedules():
     assert int(wrapper.iterations) == 3
 
 
+@backend_independent
 def test_learning_rate_and_iterations_delegate_to_the_wrapped_optimizer():
     inner = keras.optimizers.Adam(LR)
     wrapper = kopt.lr_multipliers(inner, {"head/.*": 2.0})
@@ -179,15 +194,20 @@ X_SEQ = rng.normal(size=(BATCH, 4, 8)).astype("float32")
 # LoRA on a tiny BERT classifier: query and value of 2 layers, plus the head.
 
 
-def _bert_lora(seed=0):
+@pytest.fixture(scope="module")
+def bert_lora():
+    """Read only: the tests build optimizers on its variables, never train it."""
     case = MODELS["bert"]
-    model = case.build(seed)
+    model = case.build(0)
     ka.enable_adapter(model, ka.LoRA(rank=2, alpha=4), targets=case.targets)
-    return model, case
+    return model
 
 
-def test_roles_and_recipes_compose_by_multiplying():
-    model, _ = _bert_lora()
+# Which variable gets which multiplier: paths and rules, the same under every
+# backend (the training tests above run under both).
+@backend_independent
+def test_roles_and_recipes_compose_by_multiplying(bert_lora):
+    model = bert_lora
     optimizer = kopt.loraplus(kopt.attention_lr(keras.optimizers.AdamW(LR), 4), 16)
     optimizer.build(model.trainable_variables)
     got = {v.path: optimizer.multiplier(v) for v in model.trainable_variables}
@@ -275,14 +295,32 @@ def _train(model, epochs, compile=True):
     return {v.path: keras.ops.convert_to_numpy(v) for v in model.trainable_weights}
 
 
-@pytest.mark.parametrize("fmt", ["keras", "weights"])
-def test_resumed_training_continues_identically(tmp_path, fmt):
-    n, m = 2, 2  # epochs of 2 steps each
-    straight = _train(_attention_model(), n + m)
+N_EPOCHS, M_EPOCHS = 2, 2  # epochs of 2 steps each: trained, then resumed
 
+
+@pytest.fixture(scope="module")
+def resume_runs():
+    """The uninterrupted run of n + m epochs and a model trained for n epochs.
+
+    Both from one model and one compiled train step: trained n + m epochs,
+    put back to its initial state (weights and optimizer), trained n epochs.
+    The tests only save the half-trained model; they never train it.
+    """
     model = _attention_model()
-    _train(model, n)
-    state = _state(model.optimizer)
+    model.compile(optimizer=_resume_optimizer(), loss="mse", jit_compile=True)
+    model.optimizer.build(model.trainable_variables)
+    initial = Checkpoint(model)
+    straight = _train(model, N_EPOCHS + M_EPOCHS, compile=False)
+    initial.restore()
+    assert int(model.optimizer.iterations) == 0
+    _train(model, N_EPOCHS, compile=False)
+    return straight, model, _state(model.optimizer)
+
+
+@pytest.mark.parametrize("fmt", ["keras", "weights"])
+def test_resumed_training_continues_identically(tmp_path, fmt, resume_runs):
+    n, m = N_EPOCHS, M_EPOCHS
+    straight, model, state = resume_runs
     if fmt == "keras":
         path = str(tmp_path / "model.keras")
         model.save(path)
@@ -310,6 +348,7 @@ def is_head(variable):
     return variable.path.startswith("head/")
 
 
+@backend_independent
 def test_get_config_round_trip():
     optimizer = kopt.lr_multipliers(
         kopt.lr_multipliers(
@@ -348,6 +387,7 @@ def _built(multipliers):
     return optimizer
 
 
+@backend_independent
 def test_a_variable_matched_by_two_rules_is_an_error_naming_both():
     with pytest.raises(ValueError) as error:
         _built({r"head/.*": 2.0, r".*/kernel": 3.0})
@@ -356,7 +396,8 @@ def test_a_variable_matched_by_two_rules_is_an_error_naming_both():
     assert "'head/.*' (x2)" in message and "'.*/kernel' (x3)" in message
 
 
-def test_a_rule_matching_nothing_is_an_error_at_build_time():
+@backend_independent
+def test_a_rule_matching_nothing_is_an_error_at_build_time(bert_lora):
     optimizer = kopt.lr_multipliers(keras.optimizers.SGD(LR), {ka.role("value"): 4})
     model = _model()
     with pytest.raises(ValueError, match=r"role\('value'\) \(x4\).*matches none"):
@@ -368,12 +409,12 @@ def test_a_rule_matching_nothing_is_an_error_at_build_time():
     with pytest.raises(ValueError, match=r"role\('B'\)"):
         kopt.loraplus(keras.optimizers.SGD(LR)).build(model.trainable_variables)
     # attention_lr for a role without trainable variables.
-    lora, _ = _bert_lora()
     optimizer = kopt.attention_lr(keras.optimizers.SGD(LR), 2, key_ratio=3)
     with pytest.raises(ValueError, match=r"role\('key'\) \(x3\)"):
-        optimizer.build(lora.trainable_variables)
+        optimizer.build(bert_lora.trainable_variables)
 
 
+@backend_independent
 @pytest.mark.parametrize(
     "multiplier", [0, -1.0, float("nan"), float("inf"), "2", None, True, [2.0]]
 )
@@ -382,6 +423,7 @@ def test_bad_multiplier(multiplier):
         kopt.lr_multipliers(keras.optimizers.SGD(), {"head/.*": multiplier})
 
 
+@backend_independent
 @pytest.mark.parametrize(
     "rule, match",
     [
@@ -398,12 +440,14 @@ def test_bad_rule(rule, match):
         kopt.lr_multipliers(keras.optimizers.SGD(), {rule: 2.0})
 
 
+@backend_independent
 @pytest.mark.parametrize("name", ["", "1x", "lora b", 3, None])
 def test_bad_role(name):
     with pytest.raises(ValueError, match="attention role"):
         ka.role(name)
 
 
+@backend_independent
 def test_bad_optimizer_and_arguments():
     SGD = keras.optimizers.SGD
     with pytest.raises(ValueError, match="Keras optimizer instance"):
@@ -444,6 +488,7 @@ def test_bad_optimizer_and_arguments():
         kopt.lr_multipliers(keras.optimizers.SGD(), {}).multiplier(None)
 
 
+@backend_independent
 @pytest.mark.parametrize(
     "recipe",
     [

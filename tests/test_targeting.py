@@ -3,6 +3,7 @@
 import keras
 import keras_hub
 import pytest
+from _fixtures import backend_independent
 from cases import MODELS
 
 import keras_adapters as ka
@@ -21,12 +22,29 @@ def _paths(model, targets):
     return [layer.path for layer, _ in targeting.resolve_targets(root, targets)]
 
 
+@pytest.fixture(scope="module")
+def built():
+    """`built(model_id)`: one model per architecture for the module, read only
+    (resolving targets does not change a model)."""
+    models = {}
+
+    def get(model_id):
+        if model_id not in models:
+            models[model_id] = MODELS[model_id].build(0)
+        return models[model_id]
+
+    return get
+
+
+# Resolving targets reads the structure of a model (layer classes, names,
+# paths), the same under every backend.
+@backend_independent
 @pytest.mark.parametrize("model_id", sorted(ATTENTION_PARENTS))
 @pytest.mark.parametrize(
     "roles", [("query",), ("query", "value"), ("key", "attention_output"), ()]
 )
-def test_attention_roles_resolve_on_every_architecture(model_id, roles):
-    model = MODELS[model_id].build(0)
+def test_attention_roles_resolve_on_every_architecture(model_id, roles, built):
+    model = built(model_id)
     parent = ATTENTION_PARENTS[model_id]
     expected_roles = roles or targeting.ATTENTION_ROLES
     found = _paths(model, ka.attention(*roles))
@@ -36,8 +54,9 @@ def test_attention_roles_resolve_on_every_architecture(model_id, roles):
     assert sorted(found) == expected
 
 
-def test_names_regexes_callables_and_lists():
-    model = MODELS["bert"].build(0)
+@backend_independent
+def test_names_regexes_callables_and_lists(built):
+    model = built("bert")
     assert _paths(model, "pooled_dense") == ["pooled_dense"]
     assert sorted(_paths(model, r"transformer_layer_1/.*/(query|key)")) == [
         "transformer_layer_1/self_attention_layer/key",
@@ -63,6 +82,7 @@ def test_names_regexes_callables_and_lists():
     assert len(_paths(model, ["pooled_dense", "pooled_dense"])) == 1
 
 
+@backend_independent
 def test_name_that_is_not_an_attention_sublayer_has_no_role():
     inputs = keras.Input((4,))
     outputs = keras.layers.Dense(4, name="query")(inputs)
@@ -72,6 +92,7 @@ def test_name_that_is_not_an_attention_sublayer_has_no_role():
     assert _paths(model, "query") == ["query"]
 
 
+@backend_independent
 def test_keras_hub_methods_are_installed_without_replacing_native_ones():
     for cls in (keras_hub.models.Backbone, keras_hub.models.Task):
         assert cls.enable_adapter is ka.enable_adapter

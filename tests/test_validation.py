@@ -2,10 +2,12 @@
 
 import hashlib
 import os
+import shutil
 
 import keras
 import numpy as np
 import pytest
+from _fixtures import backend_independent
 from cases import MODELS
 
 import keras_adapters as ka
@@ -36,6 +38,7 @@ def _digest(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+@backend_independent
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -64,13 +67,20 @@ def test_rank_larger_than_the_layer_is_rejected():
     _assert_unchanged(model, before)
 
 
+@backend_independent
 def test_unknown_role_is_rejected():
     with pytest.raises(ValueError, match="Unknown attention role 'querry'"):
         ka.attention("querry")
 
 
-def test_target_matching_nothing_lists_candidates():
-    model = MODELS["bert"].build(0)
+@pytest.fixture(scope="module")
+def pristine_bert():
+    """For tests whose calls fail and must leave it unchanged (they check)."""
+    return MODELS["bert"].build(0)
+
+
+def test_target_matching_nothing_lists_candidates(pristine_bert):
+    model = pristine_bert
     before = _snapshot(model)
     with pytest.raises(ValueError) as error:
         ka.enable_adapter(model, ka.LoRA(rank=2), targets="q_proj")
@@ -94,8 +104,8 @@ def test_invalid_regex_is_reported():
         ka.enable_adapter(model, ka.LoRA(rank=2), targets="proj(")
 
 
-def test_unsupported_layer_is_rejected():
-    model = MODELS["bert"].build(0)
+def test_unsupported_layer_is_rejected(pristine_bert):
+    model = pristine_bert
     before = _snapshot(model)
     with pytest.raises(ValueError) as error:
         ka.enable_adapter(model, ka.LoRA(rank=2), targets="token_embedding")
@@ -153,21 +163,31 @@ def test_merge_without_adapters_or_with_unknown_names():
         ka.merge_adapters(model, names="other")
 
 
-def _adapter_file(tmp_path, model_id="bert", adapter=None, name="a.weights.h5"):
-    model = MODELS[model_id].build(0)
+@pytest.fixture(scope="module")
+def _bert_adapter_file(tmp_path_factory):
+    model = MODELS["bert"].build(0)
     ka.enable_adapter(
         model,
-        adapter or ka.LoRA(rank=2),
-        targets=MODELS[model_id].targets,
-        keep_trainable=MODELS[model_id].keep_trainable,
+        ka.LoRA(rank=2),
+        targets=MODELS["bert"].targets,
+        keep_trainable=MODELS["bert"].keep_trainable,
     )
-    path = str(tmp_path / name)
+    path = str(tmp_path_factory.mktemp("adapter_file") / "a.weights.h5")
     ka.save_adapter_weights(model, path)
     return path
 
 
-def test_loading_into_another_architecture_fails_cleanly(tmp_path):
-    path = _adapter_file(tmp_path, "bert")
+@pytest.fixture
+def adapter_file(tmp_path, _bert_adapter_file):
+    """A LoRA (rank 2) adapter file of the BERT case, saved once per module,
+    copied into the test's own `tmp_path` as `a.weights.h5`."""
+    path = str(tmp_path / "a.weights.h5")
+    shutil.copyfile(_bert_adapter_file, path)
+    return path
+
+
+def test_loading_into_another_architecture_fails_cleanly(adapter_file):
+    path = adapter_file
     digest = _digest(path)
     other = MODELS["gpt2"].build(0)
     before = _snapshot(other)
@@ -179,10 +199,10 @@ def test_loading_into_another_architecture_fails_cleanly(tmp_path):
     assert _digest(path) == digest
 
 
-def test_loading_into_other_shapes_fails_cleanly(tmp_path):
+def test_loading_into_other_shapes_fails_cleanly(adapter_file):
     import keras_hub
 
-    path = _adapter_file(tmp_path, "bert")
+    path = adapter_file
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=64,
         num_layers=2,
@@ -200,8 +220,8 @@ def test_loading_into_other_shapes_fails_cleanly(tmp_path):
     _assert_unchanged(wider, before)
 
 
-def test_loading_other_adapters_into_an_adapted_model_fails(tmp_path):
-    path = _adapter_file(tmp_path, "bert", ka.LoRA(rank=2))
+def test_loading_other_adapters_into_an_adapted_model_fails(adapter_file):
+    path = adapter_file  # LoRA, rank 2
     model = MODELS["bert"].build(0)
     ka.enable_adapter(model, ka.LoRA(rank=4), targets=ka.attention("query", "value"))
     values = [keras.ops.convert_to_numpy(v).copy() for v in model.weights]
@@ -225,8 +245,8 @@ def test_bad_adapter_file_paths(tmp_path):
         ka.save_adapter_weights(model, str(tmp_path / "x.h5"))
 
 
-def test_interrupted_save_keeps_the_existing_file(tmp_path, monkeypatch):
-    path = _adapter_file(tmp_path, "bert")
+def test_interrupted_save_keeps_the_existing_file(tmp_path, monkeypatch, adapter_file):
+    path = adapter_file
     digest = _digest(path)
     model = MODELS["bert"].build(1)
     ka.enable_adapter(model, ka.LoRA(rank=2), targets=ka.attention("query", "value"))
