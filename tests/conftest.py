@@ -1,8 +1,24 @@
 import os
 import sys
+import tempfile
+
+import keras
 
 # `cases.py`, `matrix.py` and the helper scripts live next to the tests.
 sys.path.insert(0, os.path.dirname(__file__))
+
+if keras.backend.backend() == "jax":
+    import jax
+
+    # Many tests compile the same programs (the same tiny models and adapters
+    # in different tests and processes); JAX's persistent compilation cache
+    # shares them, across pytest-xdist workers and runs too.
+    jax.config.update(
+        "jax_compilation_cache_dir",
+        os.path.join(tempfile.gettempdir(), "keras_adapters_tests_jax_cache"),
+    )
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_generate_tests(metafunc):
