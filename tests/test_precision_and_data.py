@@ -48,6 +48,24 @@ def test_merge_writes_the_kernel_dtype_of_a_bfloat16_model(policy):
     assert {v.dtype for v in model.weights} == {"bfloat16"}
 
 
+def test_mixed_bfloat16_training_keeps_lora_float32(policy):
+    policy("mixed_bfloat16")
+    case = MODELS["bert"]
+    model = case.build(0)
+    ka.enable_adapter(model, ka.LoRA(rank=2, alpha=4), targets=case.targets)
+    adapted = ka.adapted_layers(model)
+    losses = _fit(model, case, epochs=2)
+    assert np.all(np.isfinite(losses))
+    assert {v.dtype for v in ka.adapter_variables(model)} == {"float32"}
+    assert {layer.compute_dtype for layer in adapted} == {"bfloat16"}
+    before = np.asarray(model(case.x, training=False), "float32")
+    ka.merge_adapters(model)
+    assert {layer._kernel.dtype for layer in adapted} == {"float32"}
+    after = np.asarray(model(case.x, training=False), "float32")
+    # bfloat16 compute: an 8-bit mantissa.
+    np.testing.assert_allclose(after, before, atol=0.1, rtol=0.05)
+
+
 def test_fit_from_a_tf_data_dataset():
     case = MODELS["bert"]
     model = case.build(0)
