@@ -19,6 +19,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_adapters import _validation
+
 ADAPTER_METHODS = {}
 
 # Named initializers for the random factor of a low-rank adapter (LoRA's and
@@ -332,6 +334,51 @@ class Adapter:
             matrix: the `(d_in, d_out)` base matrix, float64.
         """
         raise NotImplementedError
+
+
+class LowRankAdapter(Adapter):
+    """The shared part of methods with low-rank factors `A` `(d_in, rank)`
+    (random) and `B` `(rank, d_out)` (zeros): rank, `alpha`, initializers,
+    the rank check, the parameter count and the two factors.
+
+    A subclass names its factors in `factor_names` (LoRA: `lora_a`,
+    `lora_b`). Its `scale` is `alpha / rank` (`alpha` defaults to `rank`).
+    """
+
+    factor_names = ()
+
+    def __init__(
+        self, rank, alpha=None, a_initializer="kaiming", b_initializer="zeros"
+    ):
+        self.rank = _validation.check_positive_int("rank", rank)
+        self.alpha = _validation.check_optional_number(
+            "alpha", alpha, low=0, low_inclusive=False, allowed="a positive number"
+        )
+        self.a_initializer = check_initializer("a_initializer", a_initializer)
+        self.b_initializer = check_initializer("b_initializer", b_initializer)
+
+    @property
+    def scale(self) -> float:
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    def validate(self, kernel):
+        self.check_rank(self.rank, kernel)
+
+    def num_parameters(self, kernel):
+        return self.rank * (kernel.d_in + kernel.d_out)
+
+    def build(self, kernel, factory):
+        a, b = self.factor_names
+        factory(
+            a,
+            (kernel.d_in, self.rank),
+            factor_initializer(self.a_initializer, self.rank),
+        )
+        factory(
+            b,
+            (self.rank, kernel.d_out),
+            factor_initializer(self.b_initializer, self.rank),
+        )
 
 
 def _overrides(cls, name):

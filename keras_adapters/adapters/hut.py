@@ -2,15 +2,12 @@
 
 from keras import ops
 
-from keras_adapters import _validation
-from keras_adapters.adapters.base import Adapter
-from keras_adapters.adapters.base import check_initializer
-from keras_adapters.adapters.base import factor_initializer
+from keras_adapters.adapters.base import LowRankAdapter
 from keras_adapters.adapters.base import register_adapter
 
 
 @register_adapter
-class HUT(Adapter):
+class HUT(LowRankAdapter):
     """Hadamard updated transformation: W' = W (.) (1 + s A B).
 
     HUT follows the "updated transformation" idea of Zhang et al.: the
@@ -59,6 +56,7 @@ class HUT(Adapter):
     """
 
     method = "hut"
+    factor_names = ("hut_a", "hut_b")
     variable_axes = {"hut_a": ("in", None), "hut_b": (None, "out")}
 
     def __init__(
@@ -68,20 +66,11 @@ class HUT(Adapter):
         a_initializer="kaiming",
         b_initializer="zeros",
     ):
-        self.rank = _validation.check_positive_int("rank", rank)
-        self.alpha = _validation.check_optional_number(
-            "alpha", alpha, low=0, low_inclusive=False, allowed="a positive number"
-        )
-        self.a_initializer = check_initializer("a_initializer", a_initializer)
-        self.b_initializer = check_initializer("b_initializer", b_initializer)
+        super().__init__(rank, alpha, a_initializer, b_initializer)
 
     @classmethod
     def example(cls):
         return cls(rank=2, alpha=4)
-
-    @property
-    def scale(self) -> float:
-        return (self.rank if self.alpha is None else self.alpha) / self.rank
 
     def get_config(self):
         return {
@@ -90,18 +79,6 @@ class HUT(Adapter):
             "a_initializer": self.a_initializer,
             "b_initializer": self.b_initializer,
         }
-
-    def validate(self, kernel):
-        self.check_rank(self.rank, kernel)
-
-    def num_parameters(self, kernel):
-        return self.rank * (kernel.d_in + kernel.d_out)
-
-    def build(self, kernel, factory):
-        a_init = factor_initializer(self.a_initializer, self.rank)
-        b_init = factor_initializer(self.b_initializer, self.rank)
-        factory("hut_a", (kernel.d_in, self.rank), a_init)
-        factory("hut_b", (self.rank, kernel.d_out), b_init)
 
     def modulation_matrix(self, weights):
         """`1 + s A B`, the `(d_in, d_out)` multiplier of `W`, in float32."""

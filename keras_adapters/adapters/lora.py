@@ -7,14 +7,12 @@ import numpy as np
 from keras import ops
 
 from keras_adapters import _validation
-from keras_adapters.adapters.base import Adapter
-from keras_adapters.adapters.base import check_initializer
-from keras_adapters.adapters.base import factor_initializer
+from keras_adapters.adapters.base import LowRankAdapter
 from keras_adapters.adapters.base import register_adapter
 
 
 @register_adapter
-class LoRA(Adapter):
+class LoRA(LowRankAdapter):
     """Low-rank adaptation: W' = W + s A B.
 
     `A` is `(d_in, rank)` and random, `B` is `(rank, d_out)` and zero, so the
@@ -59,6 +57,7 @@ class LoRA(Adapter):
 
     method = "lora"
     additive = True
+    factor_names = ("lora_a", "lora_b")
     variable_axes = {"lora_a": ("in", None), "lora_b": (None, "out")}
     roles = {"A": "lora_a", "B": "lora_b"}
     peft_type = "LORA"
@@ -75,10 +74,7 @@ class LoRA(Adapter):
         a_initializer="kaiming",
         b_initializer="zeros",
     ):
-        self.rank = _validation.check_positive_int("rank", rank)
-        self.alpha = _validation.check_optional_number(
-            "alpha", alpha, low=0, low_inclusive=False, allowed="a positive number"
-        )
+        super().__init__(rank, alpha, a_initializer, b_initializer)
         self.use_rslora = _validation.check_bool("use_rslora", use_rslora)
         self.dropout = float(
             _validation.check_number(
@@ -90,8 +86,6 @@ class LoRA(Adapter):
                 allowed="a float in [0, 1)",
             )
         )
-        self.a_initializer = check_initializer("a_initializer", a_initializer)
-        self.b_initializer = check_initializer("b_initializer", b_initializer)
 
     @classmethod
     def example(cls):
@@ -112,17 +106,8 @@ class LoRA(Adapter):
             "b_initializer": self.b_initializer,
         }
 
-    def validate(self, kernel):
-        self.check_rank(self.rank, kernel)
-
-    def num_parameters(self, kernel):
-        return self.rank * (kernel.d_in + kernel.d_out)
-
     def build(self, kernel, factory):
-        a_init = factor_initializer(self.a_initializer, self.rank)
-        b_init = factor_initializer(self.b_initializer, self.rank)
-        factory("lora_a", (kernel.d_in, self.rank), a_init)
-        factory("lora_b", (self.rank, kernel.d_out), b_init)
+        super().build(kernel, factory)
         if self.dropout > 0:
             factory.seed_generator("lora_dropout_seed")
 
