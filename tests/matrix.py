@@ -98,6 +98,17 @@ def _check_layer_against_reference(layer, base_kernel, rtol=1e-4):
     np.testing.assert_allclose(got, want, rtol=0, atol=rtol * np.max(np.abs(want)))
 
 
+def _fit_and_save(model, case, epochs, directory):
+    """Full-batch `fit` under XLA, then the adapter file: `(losses, path)`."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-2), loss=case.loss, jit_compile=True
+    )
+    history = model.fit(case.x, case.y, batch_size=BATCH, epochs=epochs, verbose=0)
+    path = str(directory / "a.weights.h5")
+    ka.save_adapter_weights(model, path)
+    return history.history["loss"], path
+
+
 # ---------------------------------------------------------------- float models
 
 
@@ -154,14 +165,9 @@ class AdapterMatrix:
         init_outputs = predict(model, case.x)
         frozen_before = _numpy_by_path(model.non_trainable_weights)
         adapter_before = _numpy_by_path(ka.adapter_variables(model))
-        model.compile(
-            optimizer=keras.optimizers.Adam(3e-2), loss=case.loss, jit_compile=True
+        losses, path = _fit_and_save(
+            model, case, case.epochs, tmp_path_factory.mktemp(f"{method}-{model_id}")
         )
-        history = model.fit(
-            case.x, case.y, batch_size=BATCH, epochs=case.epochs, verbose=0
-        )
-        path = str(tmp_path_factory.mktemp(f"{method}-{model_id}") / "a.weights.h5")
-        ka.save_adapter_weights(model, path)
         return Trained(
             method=method,
             model_id=model_id,
@@ -173,7 +179,7 @@ class AdapterMatrix:
             outputs=predict(model, case.x),
             frozen_before=frozen_before,
             adapter_before=adapter_before,
-            losses=history.history["loss"],
+            losses=losses,
             report=report,
             adapter_file=path,
         )
@@ -359,23 +365,16 @@ class QuantizedMatrix:
         ka.enable_adapter(model, example(method), targets=QUANTIZED_CASE.targets)
         init = eager_outputs(model)
         frozen = _numpy_by_path(model.non_trainable_weights)
-        model.compile(
-            optimizer=keras.optimizers.Adam(3e-2),
-            loss=QUANTIZED_CASE.loss,
-            jit_compile=True,
+        losses, path = _fit_and_save(
+            model, QUANTIZED_CASE, 8, tmp_path_factory.mktemp(f"int8-{method}")
         )
-        history = model.fit(
-            QUANTIZED_CASE.x, QUANTIZED_CASE.y, batch_size=BATCH, epochs=8, verbose=0
-        )
-        path = str(tmp_path_factory.mktemp(f"int8-{method}") / "a.weights.h5")
-        ka.save_adapter_weights(model, path)
         return dict(
             method=method,
             model=model,
             base=base,
             init=init,
             frozen=frozen,
-            losses=history.history["loss"],
+            losses=losses,
             outputs=eager_outputs(model),
             adapter_file=path,
         )
