@@ -30,7 +30,8 @@ class KernelDerivedLayout(keras.distribution.TensorLayout):
     cannot know, so the layout is resolved for each adapter variable when
     `enable_adapter` creates it (see the module docstring for the rule).
     Keras itself never receives one: adapter variables are only created by
-    `Adapter.add_variable`, which resolves it first.
+    the variable factory `Adapter.build` gets, which resolves it first
+    (`variable_layout`).
 
     Args:
         kernel_layout: the kernel entry, a `keras.distribution.TensorLayout`.
