@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 import tempfile
@@ -19,6 +20,19 @@ if keras.backend.backend() == "jax":
     )
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_collection_finish(session):
+    """Moves everything imported so far (TensorFlow, JAX, Keras, the test
+    modules: about 400,000 objects) out of the garbage collector's sight.
+
+    Keras' `quantize` runs a full `gc.collect()` per variable it deletes, and
+    each full collection walks every tracked object: with the import-time
+    objects frozen, quantizing a tiny BERT takes 0.7-2 s instead of 6-12 s,
+    and the interpreter's own collections get cheaper too.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_generate_tests(metafunc):
