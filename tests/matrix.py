@@ -35,6 +35,7 @@ from cases import MODELS
 from cases import input_shape
 from cases import max_relative_difference
 from cases import predict
+from cases import quantized_bert
 
 import keras_adapters as ka
 from keras_adapters import layers as adapter_layers
@@ -303,31 +304,6 @@ QUANTIZED_CASE = MODELS["bert"]
 WEIGHT_ONLY_INT8 = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
 
 
-_QUANTIZED = {}
-
-
-def quantized_bert(config=None):
-    """A fresh int8 BERT (seed 0 weights), W8A8 or with `config`.
-
-    Keras' `quantize` runs a full `gc.collect()` per deleted variable (seconds
-    per model), so the W8A8 model is quantized once per process and then
-    rebuilt from its config (as `.keras` loading does) with its weights.
-    """
-    if config is not None:
-        # A rebuilt model would not keep the config (its activation quantizer).
-        model = QUANTIZED_CASE.build(0)
-        model.backbone.quantize("int8", config=config)
-        return model
-    if "w8a8" not in _QUANTIZED:
-        model = QUANTIZED_CASE.build(0)
-        model.backbone.quantize("int8")
-        _QUANTIZED["w8a8"] = model
-    base = _QUANTIZED["w8a8"]
-    model = type(base).from_config(base.get_config())
-    model.set_weights(base.get_weights())
-    return model
-
-
 def reference_kernel(layer):
     """The dequantized kernel `int8 / scale` of an int8 BERT projection."""
     kernel = _numpy(layer._kernel).astype("float64")
@@ -423,7 +399,7 @@ class QuantizedMatrix:
         )
 
     def test_quantized_merge_float_weight_only_equals_unmerged(self, quantized):
-        model = quantized_bert(config=WEIGHT_ONLY_INT8)
+        model = quantized_bert(config=WEIGHT_ONLY_INT8, rebuilt=False)
         ka.load_adapter_weights(model, quantized["adapter_file"])
         adapted = ka.adapted_layers(model)
         unmerged = eager_outputs(model)
