@@ -280,3 +280,68 @@ def test_peft_export_is_the_rank_2r_lora_of_the_untouched_base(tmp_path):
     ka.interop.load_peft_adapter(fresh, tmp_path / "peft")
     got = _numpy(fresh(inputs)["sequence_output"])
     assert max_relative_difference(got, expected) <= 1e-5
+
+
+# ------------------------------------------------------------------- LoftQ
+
+
+def _dense_matrix(layer):
+    kernel = ka.layers.check_supported(layer)
+    return _numpy(kernel.to_matrix(kernel.dense())).astype("float64")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_loftq_base_plus_adapter_is_closer_to_the_float_weights(mode, tmp_path):
+    model = CASE.build(0)
+    floats = {n: _dense_matrix(model.get_layer(n)) for n in TARGETS}
+    plain = CASE.build(0)  # Keras' own quantization of the same weights
+    for n in TARGETS:
+        plain.get_layer(n).quantize(mode)
+    adapter = ka.LoRA(rank=4, alpha=8, init="loftq")
+    report = ka.quantization.loftq(
+        model, adapter, list(TARGETS), mode=mode, iterations=2
+    )
+    for (path, quant_error, loftq_error), n in zip(report.layers, TARGETS, strict=True):
+        layer = model.get_layer(n)
+        assert path == layer.path and layer.quantization_mode == mode
+        w = floats[n]
+        norm = np.linalg.norm(w)
+        alone = np.linalg.norm(w - _dense_matrix(plain.get_layer(n))) / norm
+        a, b = _numpy(layer.lora_a), _numpy(layer.lora_b)
+        fitted = _numpy(
+            ka.layers.slots(layer)["default"].kernel.to_matrix(
+                ka.layers.slots(layer)["default"].kernel.dense()
+            )
+        ) + adapter.scale * (a.astype("float64") @ b)
+        error = np.linalg.norm(w - fitted) / norm
+        # Measured from the layer's own tensors, independently of the report.
+        assert quant_error == pytest.approx(alone, rel=1e-4)
+        assert loftq_error == pytest.approx(error, rel=1e-3)
+        assert error < 0.75 * alone, (mode, n, error, alone)
+    assert f"LoftQ ({mode}, 1 iterations)" in str(report)
+    # The file fits a fresh float model after the same (deterministic) call.
+    for variable in ka.adapter_variables(model):
+        variable.assign(_numpy(variable) * 1.1)
+    outputs = _numpy(model(CASE.x))
+    ka.save_adapter_weights(model, str(tmp_path / "loftq.weights.h5"))
+    fresh = CASE.build(0)
+    ka.quantization.loftq(fresh, adapter, list(TARGETS), mode=mode, iterations=1)
+    ka.load_adapter_weights(fresh, str(tmp_path / "loftq.weights.h5"))
+    np.testing.assert_allclose(_numpy(fresh(CASE.x)), outputs, rtol=1e-5, atol=1e-6)
+
+
+@backend_independent
+def test_loftq_needs_the_float_layer():
+    model = CASE.build(0)
+    with pytest.raises(ValueError, match=r"init='loftq'.*ka.quantization.loftq"):
+        ka.enable_adapter(model, ka.LoRA(rank=2, init="loftq"), targets=["hidden"])
+    assert ka.adapted_layers(model) == []
+    with pytest.raises(ValueError, match=r"must be ka.LoRA\(..., init='loftq'\)"):
+        ka.quantization.loftq(model, ka.LoRA(rank=2), ["hidden"])
+    with pytest.raises(ValueError, match=r"`mode` must be one of \('int8', 'int4'\)"):
+        ka.quantization.loftq(
+            model, ka.LoRA(rank=2, init="loftq"), ["hidden"], mode="nf4"
+        )
+    model.get_layer("hidden").quantize("int8")
+    with pytest.raises(ValueError, match=r"'hidden' is already quantized"):
+        ka.quantization.loftq(model, ka.LoRA(rank=2, init="loftq"), ["hidden"])
