@@ -299,7 +299,7 @@ def test_loftq_base_plus_adapter_is_closer_to_the_float_weights(mode, tmp_path):
         plain.get_layer(n).quantize(mode)
     adapter = ka.LoRA(rank=4, alpha=8, init="loftq")
     report = ka.quantization.loftq(
-        model, adapter, list(TARGETS), mode=mode, iterations=2
+        model, adapter, list(TARGETS), mode=mode, iterations=1
     )
     for (path, quant_error, loftq_error), n in zip(report.layers, TARGETS, strict=True):
         layer = model.get_layer(n)
