@@ -508,7 +508,7 @@ def save_peft_adapter(
 
 
 def _peft_pattern_key(pattern, module):
-    """PEFT's rule: the first key with `re.match(rf"(.*\.)?({key})$",
+    r"""PEFT's rule: the first key with `re.match(rf"(.*\.)?({key})$",
     module)`, or None."""
     for key in pattern:
         if re.match(rf"(.*\.)?({key})$", module):

@@ -13,9 +13,9 @@ from keras_adapters import targeting
 from keras_adapters._tables import format_table
 from keras_adapters.adapters import lora as lora_lib
 from keras_adapters.adapters import lora_init
+from keras_adapters.kernels import SUPPORTED_LAYERS
 from keras_adapters.kernels import FloatKernel
 from keras_adapters.kernels import QuantizedKernel
-from keras_adapters.kernels import SUPPORTED_LAYERS
 from keras_adapters.kernels import frozen_kernel
 
 

@@ -62,11 +62,11 @@ from keras_adapters.kernels.quantized import activation_quantizer
 from keras_adapters.kernels.quantized import is_quantized
 from keras_adapters.kernels.quantized import logical_kernel_shape
 from keras_adapters.kernels.quantized import quantization_mode
+from keras_adapters.loftq import LoftQReport
+from keras_adapters.loftq import loftq
 from keras_adapters.merge import MERGE_CHOICES
 from keras_adapters.merge import QuantizedLayerMerge
 from keras_adapters.merge import QuantizedMergeReport
-from keras_adapters.loftq import LoftQReport
-from keras_adapters.loftq import loftq
 from keras_adapters.merge import merge_adapters
 
 __all__ = [

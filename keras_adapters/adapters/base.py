@@ -375,7 +375,7 @@ def _check_pattern(name, pattern, check_value):
 
 
 def pattern_key(pattern, path):
-    """The first key of `pattern` that matches the layer `path`, or None.
+    r"""The first key of `pattern` that matches the layer `path`, or None.
 
     A key matches when it `re.fullmatch`es the path or a `/`-separated tail
     of it: `"query"`, `"self_attention_layer/query"` and
