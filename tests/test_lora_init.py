@@ -345,3 +345,52 @@ def test_loftq_needs_the_float_layer():
     model.get_layer("hidden").quantize("int8")
     with pytest.raises(ValueError, match=r"'hidden' is already quantized"):
         ka.quantization.loftq(model, ka.LoRA(rank=2, init="loftq"), ["hidden"])
+
+
+def test_combining_includes_the_initial_factors(trained):
+    fresh = _untouched(trained)
+    ka.load_adapter_weights(fresh, trained.path)
+    expected = {n: _numpy(fresh.get_layer(n).kernel) for n in TARGETS}
+    ka.combine_adapters(fresh, {"default": 1.0}, name="copy")
+    ka.set_active_adapters(fresh, ["copy"])
+    for name in TARGETS:
+        layer = fresh.get_layer(name)
+        assert getattr(layer, "lora_a.copy").shape[-1] == 4  # [A, A0]
+        np.testing.assert_allclose(_numpy(layer.kernel), expected[name], atol=1e-6)
+
+
+@backend_independent
+def test_peft_pissa_adapter_is_imported_on_the_recomputed_start(tmp_path):
+    """PEFT re-runs PiSSA on the base when it loads an adapter saved with
+    `init_lora_weights="pissa"`, then loads the trained factors; so does the
+    import: the layer computes `W - s A0 B0 + s A B`, `s A0 B0` the truncated
+    SVD of `W` (by NumPy here)."""
+    import keras_hub
+
+    def backbone():
+        return keras_hub.models.BertBackbone.from_preset(
+            os.path.join(PEFT_DATA, "bert")
+        )
+
+    model = backbone()
+    ka.enable_adapter(model, ka.LoRA(rank=2, alpha=4))
+    rng = np.random.default_rng(0)
+    for variable in ka.adapter_variables(model):
+        variable.assign(rng.normal(scale=0.05, size=variable.shape))
+    interop.save_peft_adapter(model, tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
+    fresh = backbone()
+    interop.load_peft_adapter(fresh, tmp_path / "peft")
+    for layer in ka.adapted_layers(fresh):
+        slot = ka.layers.slots(layer)["default"]
+        w = _numpy(slot.kernel.to_matrix(slot.kernel.dense())).astype("float64")
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        a, b = _numpy(layer.lora_a), _numpy(layer.lora_b)
+        want = w - (u[:, :2] * s[:2]) @ vt[:2] + 2.0 * a.astype("float64") @ b
+        got = _numpy(slot.kernel.to_matrix(layer.kernel))
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.max(np.abs(want)))
+    config_path.write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_4"}))
+    with pytest.raises(ValueError, match=r"pissa_niter_4.*randomized SVD"):
+        interop.load_peft_adapter(backbone(), tmp_path / "peft")
