@@ -100,7 +100,7 @@ class AdapterReport:
             # alpha.
             header += ("rank", "alpha")
             rows = [
-                row + (str(a.rank), str(a.rank if a.alpha is None else a.alpha))
+                row + _rank_and_alpha(a)
                 for row, a in zip(rows, self.layer_adapters, strict=True)
             ]
         out = [f"Adapter '{self.name}': {self.adapter!r}"]
@@ -114,6 +114,14 @@ class AdapterReport:
             f"{self.total_params:,} ({share:.2f}%)"
         )
         return "\n".join(out)
+
+
+def _rank_and_alpha(adapter):
+    rank = getattr(adapter, "rank", None)
+    alpha = getattr(adapter, "alpha", None)
+    if rank is None:
+        return ("-", "-")
+    return (str(rank), str(rank if alpha is None else alpha))
 
 
 def is_task(model):

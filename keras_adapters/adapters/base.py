@@ -451,28 +451,27 @@ class LowRankAdapter(Adapter):
         )
 
     def get_config(self):
-        """The shared hyperparameters; subclasses add theirs."""
+        """The shared hyperparameters; subclasses add theirs.
+
+        The patterns appear only when set, so configs (and `repr`) without
+        them read as before they existed, and a subclass whose constructor
+        does not take them still round-trips its configs.
+        """
         return {
             "rank": self.rank,
             "alpha": self.alpha,
             "a_initializer": self.a_initializer,
             "b_initializer": self.b_initializer,
-            "rank_pattern": dict(self.rank_pattern),
-            "alpha_pattern": dict(self.alpha_pattern),
+            **self._pattern_config(),
         }
 
-    # Optional settings left out of `repr` while they have these values, so
-    # that the common case reads as before they existed.
-    _quiet_defaults = {"rank_pattern": {}, "alpha_pattern": {}}
-
-    def __repr__(self):
-        quiet = self._quiet_defaults
-        args = ", ".join(
-            f"{k}={v!r}"
-            for k, v in self.get_config().items()
-            if k not in quiet or v != quiet[k]
-        )
-        return f"{type(self).__name__}({args})"
+    def _pattern_config(self):
+        config = {}
+        if self.rank_pattern:
+            config["rank_pattern"] = dict(self.rank_pattern)
+        if self.alpha_pattern:
+            config["alpha_pattern"] = dict(self.alpha_pattern)
+        return config
 
     @property
     def scale(self) -> float:
@@ -484,7 +483,8 @@ class LowRankAdapter(Adapter):
         rank_key = pattern_key(self.rank_pattern, path)
         alpha_key = pattern_key(self.alpha_pattern, path)
         config = self.get_config()
-        config["rank_pattern"], config["alpha_pattern"] = {}, {}
+        config.pop("rank_pattern", None)
+        config.pop("alpha_pattern", None)
         if rank_key is not None:
             config["rank"] = self.rank_pattern[rank_key]
         if alpha_key is not None:

@@ -152,7 +152,6 @@ class LoRA(LowRankAdapter):
     # PEFT's `lora_A.weight` is `(r, in)` and `lora_B.weight` `(out, r)`: our
     # `lora_a` `(in, r)` and `lora_b` `(r, out)` transposed.
     peft_tensors = ("lora_A", "lora_B")
-    _quiet_defaults = {**LowRankAdapter._quiet_defaults, "init": None}
 
     def __init__(
         self,
@@ -228,9 +227,9 @@ class LoRA(LowRankAdapter):
             "dropout": self.dropout,
             "a_initializer": self.a_initializer,
             "b_initializer": self.b_initializer,
-            "rank_pattern": dict(self.rank_pattern),
-            "alpha_pattern": dict(self.alpha_pattern),
-            "init": self.init,
+            # Only when set (see LowRankAdapter.get_config).
+            **self._pattern_config(),
+            **({} if self.init is None else {"init": self.init}),
         }
 
     def num_parameters(self, kernel):
