@@ -271,8 +271,11 @@ def set_tracked_attribute(layer, name, value):
         setattr(layer, name, value)
 
 
-def add_variable(layer, name, shape, initializer, regularizer=None, layout=None):
-    """Creates a float32 trainable variable `name` on a built `layer`.
+def add_variable(
+    layer, name, shape, initializer, regularizer=None, layout=None, trainable=True
+):
+    """Creates a float32 variable `name` (trainable by default) on a built
+    `layer`.
 
     What `layer.add_weight` does, plus an explicit distribution `layout`
     (`keras.Variable(layout=...)`; `add_weight` has no such argument): the
@@ -285,7 +288,7 @@ def add_variable(layer, name, shape, initializer, regularizer=None, layout=None)
             initializer=initializer,
             shape=shape,
             dtype="float32",
-            trainable=True,
+            trainable=trainable,
             autocast=False,
             name=name,
             layout=layout,

@@ -197,8 +197,6 @@ _REQUIRED_SETTINGS = {
     "bias": (("none", None), "trained biases"),
     "lora_bias": ((False, None), "a trained bias on lora_B"),
     "modules_to_save": ((None, []), "fully trained extra modules"),
-    "rank_pattern": (({}, None), "per-module ranks"),
-    "alpha_pattern": (({}, None), "per-module alphas"),
     "fan_in_fan_out": ((False, None), "transposed (Conv1D) weights"),
     "use_qalora": ((False, None), "QALoRA"),
     "trainable_token_indices": ((None, [], {}), "trainable token embeddings"),
@@ -224,6 +222,8 @@ _IGNORED_SETTINGS = {
     "inference_mode",
     "r",
     "lora_alpha",
+    "rank_pattern",  # mapped to layer paths by _with_patterns
+    "alpha_pattern",
     "lora_dropout",
     "use_rslora",
     "target_modules",
@@ -287,7 +287,8 @@ def load_peft_adapter(model, path, *, name: str = "default"):
     Raises:
         FileNotFoundError: `path` has no `adapter_config.json` or no weights.
         ValueError: the adapter is not plain LoRA (DoRA, trained biases,
-            `modules_to_save`, per-module ranks, another `peft_type`), it
+            `modules_to_save`, another `peft_type`, a base-changing
+            `init_lora_weights` such as LoftQ), it
             adapts modules without a KerasHub counterpart, its shapes do not
             fit the model, the weights are not safetensors, or the model's
             architecture has no mapping.
@@ -311,6 +312,7 @@ def load_peft_adapter(model, path, *, name: str = "default"):
     lora = _lora_from_config(config, architecture, directory)
     tensors = _read_safetensors(os.path.join(directory, WEIGHTS_FILE))
     prefix, factors = _match_tensors(tensors, architecture, directory, type(lora))
+    lora = _with_patterns(lora, config, factors, directory)
     plan = _plan(root, architecture, factors, lora, config, directory)
     report = adapter_model.enable_adapter(
         model,
@@ -464,9 +466,11 @@ def save_peft_adapter(
     tensors = {}
     for module, slot in modules.items():
         key = f"{_KEY_PREFIX}{module_prefix}{module}"
-        for tensor, value in lora.to_peft_tensors(slot).items():
+        # The layer's own configuration (its rank from a rank_pattern).
+        for tensor, value in slot.adapter.to_peft_tensors(slot).items():
             tensors[f"{key}.{tensor}.weight"] = value
     available = {m for m in map(to_module, _layer_paths(root)) if m is not None}
+    rank_pattern, alpha_pattern = _peft_patterns(lora, modules)
     config = {
         "peft_type": lora.peft_type,
         "task_type": task_type,
@@ -481,8 +485,8 @@ def save_peft_adapter(
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "use_dora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -498,6 +502,67 @@ def save_peft_adapter(
             os.path.join(staging, WEIGHTS_FILE),
             metadata={"format": "pt"},
         )
+
+
+# Per-module ranks and alphas (PEFT's rank_pattern and alpha_pattern).
+
+
+def _peft_pattern_key(pattern, module):
+    r"""PEFT's rule: the first key with `re.match(rf"(.*\.)?({key})$",
+    module)`, or None."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def _with_patterns(lora, config, factors, directory):
+    """`lora` with PEFT's `rank_pattern`/`alpha_pattern` resolved for each
+    imported module and keyed by the KerasHub layer path instead."""
+    patterns = {}
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(
+                f"{os.path.join(directory, CONFIG_FILE)!r}: `{name}` must be an "
+                f"object {{module pattern: value}}; found {pattern!r}."
+            )
+        patterns[name] = pattern
+    if not any(patterns.values()):
+        return lora
+    resolved = {"rank_pattern": {}, "alpha_pattern": {}}
+    for layer_path, (module, _) in sorted(factors.items()):
+        for name, pattern in patterns.items():
+            try:
+                key = _peft_pattern_key(pattern, module)
+            except re.error as error:
+                raise ValueError(
+                    f"{os.path.join(directory, CONFIG_FILE)!r}: a `{name}` key is "
+                    f"not a valid regular expression: {error}."
+                ) from None
+            if key is not None:
+                resolved[name][re.escape(layer_path)] = pattern[key]
+    try:
+        return type(lora).from_config({**lora.get_config(), **resolved})
+    except ValueError as error:
+        raise ValueError(
+            f"{os.path.join(directory, CONFIG_FILE)!r} has an invalid per-module "
+            f"setting: {error}"
+        ) from None
+
+
+def _peft_patterns(lora, modules):
+    """`(rank_pattern, alpha_pattern)` for PEFT: the modules whose layer
+    configuration differs from the adapter's, keyed by module name."""
+    top = lora.peft_config()
+    rank_pattern, alpha_pattern = {}, {}
+    for module, slot in sorted(modules.items()):
+        own = slot.adapter.peft_config()
+        if own["r"] != top["r"]:
+            rank_pattern[module] = own["r"]
+        if own["lora_alpha"] != top["lora_alpha"]:
+            alpha_pattern[module] = own["lora_alpha"]
+    return rank_pattern, alpha_pattern
 
 
 # Access to the model's adapters (one place, for several adapters per layer).
@@ -865,8 +930,9 @@ def _plan(root, architecture, factors, lora, config, directory):
             continue
         try:
             kernel = adapter_layers.check_supported(layer)
-            values = lora.from_peft_tensors(found, kernel)
-            lora.validate(kernel)
+            layer_lora = lora.for_layer(layer_path)
+            values = layer_lora.from_peft_tensors(found, kernel)
+            layer_lora.validate(kernel)
         except ValueError as error:  # UnsupportedLayerError too
             problems.append(f"{module}: {error}")
             continue

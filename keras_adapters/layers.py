@@ -130,16 +130,18 @@ class AdapterSlot:
 class _VariableFactory:
     """What `Adapter.build` gets to create its variables on one layer.
 
-    `factory(name, shape, initializer, regularizer=None)` creates a float32
-    trainable variable laid out by `keras_adapters.placement` (under a
-    `keras.distribution`, like the kernel dimensions the method's
-    `variable_axes` names).
+    `factory(name, shape, initializer, regularizer=None, trainable=True)`
+    creates a float32 variable laid out by `keras_adapters.placement` (under
+    a `keras.distribution`, like the kernel dimensions the method's
+    `variable_axes` names). `trainable=False` makes a constant the method
+    keeps with the layer (saved and restored with the adapter, never
+    trained), such as LoRA's initial factors under PiSSA.
     """
 
     def __init__(self, slot):
         self._slot = slot
 
-    def __call__(self, name, shape, initializer, regularizer=None):
+    def __call__(self, name, shape, initializer, regularizer=None, trainable=True):
         slot = self._slot
         qualified = slot.qualified(name)
         shape = tuple(int(d) for d in shape)
@@ -152,6 +154,7 @@ class _VariableFactory:
             keras.initializers.get(initializer),
             regularizer=regularizer,
             layout=layout,
+            trainable=trainable,
         )
         slot.attributes[name] = qualified
         return variable
@@ -173,7 +176,7 @@ class _ShapeRecorder:
         self._slot = slot
         self.shapes = {}
 
-    def __call__(self, name, shape, initializer, regularizer=None):
+    def __call__(self, name, shape, initializer, regularizer=None, trainable=True):
         self.shapes[self._slot.qualified(name)] = tuple(int(d) for d in shape)
 
     def seed_generator(self, name):

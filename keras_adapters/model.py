@@ -15,6 +15,7 @@ from keras_adapters import placement
 from keras_adapters import targeting
 from keras_adapters._tables import format_table
 from keras_adapters.adapters.base import Adapter
+from keras_adapters.adapters.base import restoring
 from keras_adapters.kernels import quantization_mode
 
 
@@ -66,6 +67,10 @@ class AdapterReport:
         adapter: the adapter configuration.
         adapted: `[(path, layer class, kernel shape, (d_in, d_out), params)]`.
         skipped: `[(path, reason)]` for matched layers left alone.
+        layer_adapters: the configuration each adapted layer uses (the
+            adapter resolved for it by `Adapter.for_layer`: a
+            `rank_pattern` gives some layers another rank), in the order of
+            `adapted`.
         adapter_params: parameters added by this adapter.
         trainable_params: trainable parameters of the model afterwards.
         total_params: all parameters of the model afterwards.
@@ -78,6 +83,7 @@ class AdapterReport:
     adapter_params: int
     trainable_params: int
     total_params: int
+    layer_adapters: list = dataclasses.field(default_factory=list)
 
     @property
     def adapted_paths(self):
@@ -89,6 +95,14 @@ class AdapterReport:
             (path, cls, "x".join(map(str, shape)), f"{d[0]}x{d[1]}", f"{p:,}")
             for path, cls, shape, d, p in self.adapted
         ]
+        if any(a is not self.adapter for a in self.layer_adapters):
+            # Per-layer configurations (patterns): show each layer's rank and
+            # alpha.
+            header += ("rank", "alpha")
+            rows = [
+                row + _rank_and_alpha(a)
+                for row, a in zip(rows, self.layer_adapters, strict=True)
+            ]
         out = [f"Adapter '{self.name}': {self.adapter!r}"]
         out += format_table(header, rows)
         for path, reason in self.skipped:
@@ -100,6 +114,14 @@ class AdapterReport:
             f"{self.total_params:,} ({share:.2f}%)"
         )
         return "\n".join(out)
+
+
+def _rank_and_alpha(adapter):
+    rank = getattr(adapter, "rank", None)
+    alpha = getattr(adapter, "alpha", None)
+    if rank is None:
+        return ("-", "-")
+    return (str(rank), str(rank if alpha is None else alpha))
 
 
 def is_task(model):
@@ -247,24 +269,28 @@ def _enable(model, adapter, targets, keep_trainable, name, validate=True):
         except adapter_layers.UnsupportedLayerError as error:
             skipped.append((layer.path or layer.name, str(error)))
             continue
+        # The configuration for this layer (per-layer rank and alpha).
+        layer_adapter = adapter.for_layer(
+            targeting.relative_path(root.name, layer.path)
+        )
         if validate:
-            adapter.validate(kernel)
-        plan.append((layer, kernel))
+            layer_adapter.validate(kernel)
+        plan.append((layer, kernel, layer_adapter))
     if not plan:
         reasons = "\n".join(f"  {p}: {r}" for p, r in skipped)
         raise ValueError(
             f"No layer of model '{model.name}' can take the adapter; the targets "
             f"matched only:\n{reasons}"
         )
-    placement.check_variable_placement(adapter, [layer for layer, _ in plan])
+    placement.check_variable_placement(adapter, [layer for layer, _, _ in plan])
 
     if state is None:
         state = _AdapterState()
         state.saved_flags = _trainable_flags(model)
     attached = []
     try:
-        for layer, kernel in plan:
-            adapter_layers.attach(layer, adapter, kernel, name)
+        for layer, kernel, layer_adapter in plan:
+            adapter_layers.attach(layer, layer_adapter, kernel, name)
             attached.append(layer)
     except BaseException:
         # All or nothing: a failure on one layer leaves no adapter behind.
@@ -275,7 +301,7 @@ def _enable(model, adapter, targets, keep_trainable, name, validate=True):
         name=name,
         adapter=adapter,
         layer_paths=tuple(
-            targeting.relative_path(root.name, layer.path) for layer, _ in plan
+            targeting.relative_path(root.name, layer.path) for layer, _, _ in plan
         ),
         keep_trainable_paths=tuple(
             targeting.relative_path(model.name, k.path) for k in kept_layers
@@ -299,14 +325,15 @@ def _enable(model, adapter, targets, keep_trainable, name, validate=True):
                 type(layer).__name__,
                 kernel.kernel_shape,
                 (kernel.d_in, kernel.d_out),
-                adapter.num_parameters(kernel),
+                layer_adapter.num_parameters(kernel),
             )
-            for layer, kernel in plan
+            for layer, kernel, layer_adapter in plan
         ],
         skipped=skipped,
-        adapter_params=sum(adapter.num_parameters(kernel) for _, kernel in plan),
+        adapter_params=sum(a.num_parameters(kernel) for _, kernel, a in plan),
         trainable_params=_count(model.trainable_weights),
         total_params=_count(model.weights),
+        layer_adapters=[a for _, _, a in plan],
     )
 
 
@@ -683,15 +710,18 @@ def enable_groups(model, groups, active=None):
     for group in groups:
         keep = group.keep_trainable_paths
         # The adapter was valid on these layers when it was saved (or built
-        # by combine_adapters, which may exceed a layer's rank).
-        _enable(
-            model,
-            group.adapter,
-            targeting.PathsTarget(group.layer_paths, root.name),
-            targeting.PathsTarget(keep, model.name) if keep else None,
-            group.name,
-            validate=False,
-        )
+        # by combine_adapters, which may exceed a layer's rank). Its values
+        # are loaded next: initializations computed from the base kernel
+        # (PiSSA's SVD) are skipped.
+        with restoring():
+            _enable(
+                model,
+                group.adapter,
+                targeting.PathsTarget(group.layer_paths, root.name),
+                targeting.PathsTarget(keep, model.name) if keep else None,
+                group.name,
+                validate=False,
+            )
     if active is not None:
         added = {g.name for g in groups}
         others = [n for n in active_adapters(model) if n not in added]

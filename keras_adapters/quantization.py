@@ -62,12 +62,15 @@ from keras_adapters.kernels.quantized import activation_quantizer
 from keras_adapters.kernels.quantized import is_quantized
 from keras_adapters.kernels.quantized import logical_kernel_shape
 from keras_adapters.kernels.quantized import quantization_mode
+from keras_adapters.loftq import LoftQReport
+from keras_adapters.loftq import loftq
 from keras_adapters.merge import MERGE_CHOICES
 from keras_adapters.merge import QuantizedLayerMerge
 from keras_adapters.merge import QuantizedMergeReport
 from keras_adapters.merge import merge_adapters
 
 __all__ = [
+    "LoftQReport",
     "MERGE_CHOICES",
     "SUPPORTED_MODES",
     "QuantizedLayerMerge",
@@ -75,6 +78,7 @@ __all__ = [
     "activation_quantizer",
     "is_quantized",
     "logical_kernel_shape",
+    "loftq",
     "merge_and_measure",
     "quantization_mode",
 ]

@@ -400,8 +400,11 @@ def bert():
         ({"use_dora": True}, r"use_dora=True \(DoRA"),
         ({"bias": "all"}, r"bias='all' \(trained biases; supported: 'none'"),
         ({"modules_to_save": ["classifier"]}, r"modules_to_save=\['classifier'\]"),
-        ({"rank_pattern": {"query": 8}}, r"rank_pattern=\{'query': 8\}"),
-        ({"alpha_pattern": {"value": 2}}, r"alpha_pattern"),
+        # Per-module ranks are imported: this one does not fit the tensors.
+        ({"rank_pattern": {"query": 8}}, r"query: lora_A .* r=8 .*need \(8, 32\)"),
+        ({"alpha_pattern": {"value": 0}}, r"invalid per-module setting: `alpha_pat"),
+        ({"rank_pattern": {"(": 8}}, r"`rank_pattern` key is not a valid regular"),
+        ({"init_lora_weights": "loftq"}, r"init_lora_weights='loftq'.*plain LoRA"),
         ({"lora_bias": True}, r"lora_bias=True"),
         ({"peft_type": "IA3"}, r"peft_type='IA3'.*only LoRA"),
         ({"brand_new_option": 3}, r"brand_new_option=3 \(a setting keras_adapters"),

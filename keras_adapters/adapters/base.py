@@ -15,6 +15,9 @@ Quantized bases and multi-device placement live behind those two objects,
 so a method file imports neither. See `docs/writing_a_method.md`.
 """
 
+import contextlib
+import re
+
 import keras
 import numpy as np
 from keras import ops
@@ -215,6 +218,16 @@ class Adapter:
 
     # Building.
 
+    def for_layer(self, path):
+        """The configuration this adapter uses on the layer at `path`.
+
+        `path` is the layer's path relative to the adapted root (as adapter
+        groups and files store it). The default is the adapter itself;
+        `LowRankAdapter` resolves `rank_pattern` and `alpha_pattern` here.
+        `enable_adapter` calls it once per layer, before `validate`.
+        """
+        return self
+
     def validate(self, kernel):
         """Raises `ValueError` if this adapter cannot adapt `kernel`'s layer."""
 
@@ -336,30 +349,147 @@ class Adapter:
         raise NotImplementedError
 
 
+def _check_pattern(name, pattern, check_value):
+    """`pattern` (None or `{regex: value}`) as a plain dict, checked."""
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict):
+        raise ValueError(
+            f"`{name}` must be a dict {{regex on the layer path: value}} or None; "
+            f"received {pattern!r}."
+        )
+    checked = {}
+    for key, value in pattern.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(
+                f"`{name}` keys must be non-empty regex strings; received {key!r}."
+            )
+        try:
+            re.compile(key)
+        except re.error as error:
+            raise ValueError(
+                f"`{name}` key {key!r} is not a valid regular expression: {error}."
+            ) from None
+        checked[key] = check_value(f"{name}[{key!r}]", value)
+    return checked
+
+
+def pattern_key(pattern, path):
+    r"""The first key of `pattern` that matches the layer `path`, or None.
+
+    A key matches when it `re.fullmatch`es the path or a `/`-separated tail
+    of it: `"query"`, `"self_attention_layer/query"` and
+    `"transformer_layer_0/.*/query"` all match
+    `transformer_layer_0/self_attention_layer/query`. This is PEFT's rule for
+    `rank_pattern` (`re.match(rf"(.*\.)?({key})$", module_name)`) with `/`
+    for `.`.
+    """
+    for key in pattern:
+        if re.fullmatch(rf"(?:.*/)?(?:{key})", path or "") is not None:
+            return key
+    return None
+
+
+_RESTORING = [0]
+
+
+@contextlib.contextmanager
+def restoring():
+    """Inside: adapters are re-attached to receive saved values.
+
+    Methods whose initialization is computed from the base kernel (PiSSA's
+    SVD) may skip it then (`is_restoring()`); the values are overwritten.
+    """
+    _RESTORING[0] += 1
+    try:
+        yield
+    finally:
+        _RESTORING[0] -= 1
+
+
+def is_restoring() -> bool:
+    """Whether adapters are being re-attached from saved values."""
+    return _RESTORING[0] > 0
+
+
 class LowRankAdapter(Adapter):
     """The shared part of methods with low-rank factors `A` `(d_in, rank)`
     (random) and `B` `(rank, d_out)` (zeros): rank, `alpha`, initializers,
-    the rank check, the parameter count and the two factors.
+    per-layer rank and alpha patterns, the rank check, the parameter count
+    and the two factors.
 
     A subclass names its factors in `factor_names` (LoRA: `lora_a`,
     `lora_b`). Its `scale` is `alpha / rank` (`alpha` defaults to `rank`).
+
+    `rank_pattern` and `alpha_pattern` (`{regex: value}`) give some layers
+    another rank or alpha: the first key (in dict order) that matches a
+    layer's path (see `pattern_key`) decides; other layers use `rank` and
+    `alpha`. `for_layer(path)` returns the resolved configuration (patterns
+    cleared), which is what each layer is built and computed with.
     """
 
     factor_names = ()
 
     def __init__(
-        self, rank, alpha=None, a_initializer="kaiming", b_initializer="zeros"
+        self,
+        rank,
+        alpha=None,
+        a_initializer="kaiming",
+        b_initializer="zeros",
+        rank_pattern=None,
+        alpha_pattern=None,
     ):
         self.rank = _validation.check_positive_int("rank", rank)
-        self.alpha = _validation.check_optional_number(
-            "alpha", alpha, low=0, low_inclusive=False, allowed="a positive number"
-        )
+        self.alpha = _check_alpha("alpha", alpha)
         self.a_initializer = check_initializer("a_initializer", a_initializer)
         self.b_initializer = check_initializer("b_initializer", b_initializer)
+        self.rank_pattern = _check_pattern(
+            "rank_pattern", rank_pattern, _validation.check_positive_int
+        )
+        self.alpha_pattern = _check_pattern(
+            "alpha_pattern", alpha_pattern, _check_positive_number
+        )
+
+    def get_config(self):
+        """The shared hyperparameters; subclasses add theirs.
+
+        The patterns appear only when set, so configs (and `repr`) without
+        them read as before they existed, and a subclass whose constructor
+        does not take them still round-trips its configs.
+        """
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "a_initializer": self.a_initializer,
+            "b_initializer": self.b_initializer,
+            **self._pattern_config(),
+        }
+
+    def _pattern_config(self):
+        config = {}
+        if self.rank_pattern:
+            config["rank_pattern"] = dict(self.rank_pattern)
+        if self.alpha_pattern:
+            config["alpha_pattern"] = dict(self.alpha_pattern)
+        return config
 
     @property
     def scale(self) -> float:
         return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    def for_layer(self, path):
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
+        rank_key = pattern_key(self.rank_pattern, path)
+        alpha_key = pattern_key(self.alpha_pattern, path)
+        config = self.get_config()
+        config.pop("rank_pattern", None)
+        config.pop("alpha_pattern", None)
+        if rank_key is not None:
+            config["rank"] = self.rank_pattern[rank_key]
+        if alpha_key is not None:
+            config["alpha"] = self.alpha_pattern[alpha_key]
+        return type(self).from_config(config)
 
     def validate(self, kernel):
         self.check_rank(self.rank, kernel)
@@ -379,6 +509,16 @@ class LowRankAdapter(Adapter):
             (self.rank, kernel.d_out),
             factor_initializer(self.b_initializer, self.rank),
         )
+
+
+def _check_positive_number(name, value):
+    return _validation.check_number(
+        name, value, low=0, low_inclusive=False, allowed="a positive number"
+    )
+
+
+def _check_alpha(name, value):
+    return None if value is None else _check_positive_number(name, value)
 
 
 def _overrides(cls, name):

@@ -43,6 +43,11 @@ class HUT(LowRankAdapter):
             initializer (name, config dict or object).
         b_initializer: Keras initializer for `B`; `"zeros"` (default) keeps
             the identity at init.
+        rank_pattern: `{regex: rank}` for layers that take another rank; a
+            key matches a layer whose path (relative to the adapted model)
+            it `re.fullmatch`es, or a `/`-separated tail of that path (as
+            PEFT's `rank_pattern`); the first matching key wins.
+        alpha_pattern: `{regex: alpha}`, the same for `alpha`.
 
     Example:
 
@@ -65,20 +70,21 @@ class HUT(LowRankAdapter):
         alpha: float | None = None,
         a_initializer="kaiming",
         b_initializer="zeros",
+        rank_pattern: dict | None = None,
+        alpha_pattern: dict | None = None,
     ):
-        super().__init__(rank, alpha, a_initializer, b_initializer)
+        super().__init__(
+            rank,
+            alpha,
+            a_initializer,
+            b_initializer,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+        )
 
     @classmethod
     def example(cls):
         return cls(rank=2, alpha=4)
-
-    def get_config(self):
-        return {
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "a_initializer": self.a_initializer,
-            "b_initializer": self.b_initializer,
-        }
 
     def modulation_matrix(self, weights):
         """`1 + s A B`, the `(d_in, d_out)` multiplier of `W`, in float32."""
