@@ -98,7 +98,8 @@ class PerExampleModel(keras.Model):
         adapter_model.check_model(model)
         names = _check_names(model, names)
         _check_supported(model, names)
-        inputs = _inputs(model) if model.inputs else _Inputs("single", ("inputs",), ())
+        symbolic = getattr(model, "inputs", None)
+        inputs = _inputs(model) if symbolic else _Inputs("single", ("inputs",), ())
         if ADAPTER_ID in inputs.names:
             raise ValueError(
                 f"Model '{model.name}' already has an input named {ADAPTER_ID!r}."
