@@ -115,27 +115,6 @@ def test_out_of_range_ids_raise_eagerly_and_give_the_base_model_under_jit(bert):
     assert _relative(compiled, expected) <= 1e-5
 
 
-@pytest.mark.parametrize("model_id", ["functional", "subclassed"])
-def test_einsum_and_dense_layers_and_models_without_symbolic_inputs(model_id):
-    """EinsumDense `abc,cde->abde` and Dense; a subclassed model has no
-    named inputs, so its input is `inputs`."""
-    case = MODELS[model_id]
-    model = case.build(0)
-    targets = case.targets
-    ka.enable_adapter(model, ka.LoRA(rank=2), targets=targets, name="a")
-    ka.enable_adapter(model, ka.LoRA(rank=1, alpha=3), targets=targets, name="b")
-    _randomize(model)
-    serving = ka.per_example_adapters(model, ["b", "a"])
-    name = serving.input_keys[0]
-    assert serving.input_keys == [name, "adapter_id"]
-    x = case.x[name] if isinstance(case.x, dict) else case.x
-    ids = np.arange(len(x)) % 3 - 1
-    references = {-1: _alone(model, x, []), 0: _alone(model, x, ["b"])}
-    references[1] = _alone(model, x, ["a"])
-    got = _numpy(serving({name: x, "adapter_id": ids}))
-    assert _relative(got, _expected(references, ids)) <= 1e-5
-
-
 class _ScaledLoRA(ka.LoRA):
     """A DoRA-like stand-in: LoRA, then a learned scale per output column:
     `x W' = (x W + s x A B) * m`. Its hook returns an `output_scale`."""
@@ -164,33 +143,46 @@ class _LoRAWithoutHook(ka.LoRA):
     method = "lora_without_hook_test"
 
 
-def test_a_method_hook_with_an_output_scale_is_applied_per_example():
+def test_einsum_and_dense_layers_an_output_scale_hook_and_dropout():
+    """One functional model: EinsumDense `abc,cde->abde` and Dense layers,
+    adapters of several ranks and scales, a method hook with an output
+    scale (as DoRA's), and adapter dropout, which applies in training to
+    the examples of that adapter only."""
     case = MODELS["functional"]
     model = case.build(0)
+    targets = case.targets
+    ka.enable_adapter(model, ka.LoRA(rank=2), targets=targets, name="a")
+    ka.enable_adapter(model, ka.LoRA(rank=1, alpha=3), targets=targets, name="b")
     ka.enable_adapter(model, _ScaledLoRA(rank=2), targets="proj", name="scaled")
-    ka.enable_adapter(model, ka.LoRA(rank=2), targets=["proj", "hidden"], name="lora")
+    dropout = ka.LoRA(rank=2, dropout=0.5)
+    ka.enable_adapter(model, dropout, targets="hidden", name="drop")
     _randomize(model)
+    names = ["b", "a", "scaled", "drop"]
     x = case.x
-    ids = np.arange(len(x)) % 3 - 1
-    references = {-1: _alone(model, x, []), 0: _alone(model, x, ["scaled"])}
-    references[1] = _alone(model, x, ["lora"])
-    serving = ka.per_example_adapters(model, ["scaled", "lora"])
-    got = _numpy(serving({"features": x, "adapter_id": ids}))
-    assert _relative(got, _expected(references, ids)) <= 1e-5
-
-
-def test_adapter_dropout_applies_per_example_in_training():
-    case = MODELS["functional"]
-    model = case.build(0)
-    ka.enable_adapter(model, ka.LoRA(rank=2, dropout=0.5), targets="hidden", name="a")
-    ka.enable_adapter(model, ka.LoRA(rank=2), targets="hidden", name="b")
-    _randomize(model)
-    serving = ka.per_example_adapters(model, ["a", "b"])
-    x = {"features": case.x, "adapter_id": np.arange(len(case.x)) % 3 - 1}
-    inference = _numpy(serving(x, training=False))
-    training = _numpy(serving(x, training=True))
+    ids = np.arange(len(x)) % 5 - 1
+    references = {-1: _alone(model, x, [])}
+    references.update({k: _alone(model, x, [n]) for k, n in enumerate(names)})
+    serving = ka.per_example_adapters(model, names)
+    assert serving.input_keys == ["features", "adapter_id"]
+    inputs = {"features": x, "adapter_id": ids}
+    inference = _numpy(serving(inputs))
+    assert _relative(inference, _expected(references, ids)) <= 1e-5
+    training = _numpy(serving(inputs, training=True))
     changed = np.abs(training - inference).max(axis=-1) > 1e-6
-    np.testing.assert_array_equal(changed, x["adapter_id"] == 0)
+    np.testing.assert_array_equal(changed, ids == 3)
+
+
+def test_a_model_without_symbolic_inputs_takes_inputs():
+    case = MODELS["subclassed"]
+    model = case.build(0)
+    ka.enable_adapter(model, ka.LoRA(rank=2), targets=case.targets, name="a")
+    _randomize(model)
+    serving = ka.per_example_adapters(model, ["a"])
+    assert serving.input_keys == ["inputs", "adapter_id"]
+    ids = np.arange(len(case.x)) % 2 - 1
+    references = {-1: _alone(model, case.x, []), 0: _alone(model, case.x, ["a"])}
+    got = _numpy(serving({"inputs": case.x, "adapter_id": ids}))
+    assert _relative(got, _expected(references, ids)) <= 1e-5
 
 
 @backend_independent
@@ -316,3 +308,33 @@ def test_hot_swap_from_an_adapter_file_and_a_peft_directory_does_not_retrace(
     after = [_numpy(v) for v in ka.adapter_variables(backbone, "slot1")]
     for old, new in zip(before, after, strict=True):
         np.testing.assert_array_equal(old, new)
+
+
+def test_export_serves_each_adapter_per_example_without_the_library(bert, tmp_path):
+    """`verify=True` reloads the SavedModel in a fresh process that cannot
+    import keras_adapters and checks every id there; this process then
+    serves it with another batch size and sequence length."""
+    import tensorflow as tf
+
+    case, model, _, _ = bert
+    ka.enable_adapter(model, ka.LoRA(rank=2), targets=case.targets, name="other")
+    try:
+        report = ka.export_saved_model(model, tmp_path / "many", adapters=["b", "a"])
+    finally:
+        ka.delete_adapter(model, "other")
+    assert report.adapters == ["b", "a"]
+    assert report.inputs["adapter_id"] == ((None,), "int32")
+    assert report.max_relative_difference <= 1e-5
+    loaded = tf.saved_model.load(report.path)
+    names = [v.name for v in loaded.variables if "lora" in v.name]
+    assert sorted({n.split(".")[-1].split(":")[0] for n in names}) == ["a", "b"]
+    x = {k: v[:5, :6] for k, v in case.x.items()}
+    ids = np.array([1, 0, -1, 1, 7], "int32")
+    served = loaded.signatures["serving_default"](
+        **{k: tf.constant(v) for k, v in {**x, "adapter_id": ids}.items()}
+    )
+    served = next(iter(served.values())).numpy()
+    references = {-1: _alone(model, x, []), 0: _alone(model, x, ["b"])}
+    references[1] = _alone(model, x, ["a"])
+    expected = _expected(references, np.where(ids > 1, -1, ids))
+    assert _relative(served, expected) <= 1e-5
