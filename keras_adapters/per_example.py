@@ -79,7 +79,16 @@ class PerExampleModel(keras.Model):
 
     Built by `ka.per_example_adapters(model, names)` (see there). It shares
     every layer and variable with `model`: training it trains `model`'s
-    adapters, and loading weights into `model` changes what it computes.
+    adapters, and loading weights into `model` changes what it computes. It
+    is not saved itself: save the adapters (`ka.save_adapter_weights`) and
+    wrap the model again, or export it (`ka.export_saved_model(...,
+    adapters=names)`).
+
+    Args:
+        model: a built model with adapters.
+        names: a non-empty list of its adapter names; slot `k` serves
+            `adapter_id == k`.
+        seed: optional int, the seed of adapter dropout in training.
 
     Call arguments:
         inputs: a dict: the model's inputs by name (the keys of a dict of
@@ -151,7 +160,8 @@ class PerExampleModel(keras.Model):
             values = np.asarray(ops.convert_to_numpy(ids))
         except Exception:  # a JAX tracer, a TF graph tensor or a KerasTensor
             return
-        bad = sorted({int(v) for v in values if not -1 <= v < len(self._names)})
+        outside = (values < -1) | (values >= len(self._names))
+        bad = np.unique(values[outside]).tolist()
         if bad:
             raise ValueError(
                 f"`{ADAPTER_ID}` values {bad} are out of range: '{self.name}' "
