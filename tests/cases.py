@@ -23,7 +23,9 @@ BATCH = 16
 class ModelCase:
     """A small model, data it learns, and which layers to adapt."""
 
-    build: Callable  # seed -> model (built, random weights)
+    # (seed, **backbone_kwargs) -> model with random weights; KerasHub cases
+    # pass the keyword arguments to the backbone (`dropout=0.0`, say).
+    build: Callable
     x: object
     y: np.ndarray
     targets: object
@@ -42,7 +44,7 @@ def _token_data(seed=0):
     return token_ids, padding_mask
 
 
-def _bert(seed):
+def _bert(seed, **backbone_kwargs):
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=VOCAB,
@@ -51,13 +53,14 @@ def _bert(seed):
         hidden_dim=16,
         intermediate_dim=32,
         max_sequence_length=SEQ,
+        **backbone_kwargs,
     )
     return keras_hub.models.BertTextClassifier(
         backbone=backbone, num_classes=3, preprocessor=None, dropout=0.0
     )
 
 
-def _gpt2(seed):
+def _gpt2(seed, **backbone_kwargs):
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=VOCAB,
@@ -66,11 +69,12 @@ def _gpt2(seed):
         hidden_dim=16,
         intermediate_dim=32,
         max_sequence_length=SEQ,
+        **backbone_kwargs,
     )
     return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
 
 
-def _gemma(seed):
+def _gemma(seed, **backbone_kwargs):
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.GemmaBackbone(
         vocabulary_size=VOCAB,
@@ -80,11 +84,12 @@ def _gemma(seed):
         hidden_dim=16,
         intermediate_dim=32,
         head_dim=8,
+        **backbone_kwargs,
     )
     return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
 
 
-def _llama(seed):
+def _llama(seed, **backbone_kwargs):
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.LlamaBackbone(
         vocabulary_size=VOCAB,
@@ -93,6 +98,7 @@ def _llama(seed):
         num_key_value_heads=2,
         hidden_dim=16,
         intermediate_dim=32,
+        **backbone_kwargs,
     )
     return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
 
@@ -192,7 +198,45 @@ def _model_cases():
 MODELS = _model_cases()
 
 
+_QUANTIZED = {}
+
+
+def quantized_bert(mode="int8", config=None, rebuilt=True):
+    """A fresh `"bert"` classifier (seed 0 weights), backbone quantized.
+
+    Args:
+        mode: `"int8"` or `"int4"`.
+        config: a `keras.quantizers.QuantizationConfig`, or `None` for
+            Keras' default (W8A8 for int8).
+        rebuilt: quantize once per process and `(mode, config)`, then rebuild
+            each model from that one's config with its weights, as `.keras`
+            loading does (quantized policies in a `DTypePolicyMap`, no
+            quantization config). A rebuilt model keeps an int4 block size
+            but not an int8 config's activation quantizer: pass `False` to
+            quantize directly.
+    """
+    if not rebuilt:
+        model = MODELS["bert"].build(0)
+        model.backbone.quantize(mode, config=config)
+        return model
+    key = (mode, id(config))
+    if key not in _QUANTIZED:
+        _QUANTIZED[key] = quantized_bert(mode, config, rebuilt=False)
+    base = _QUANTIZED[key]
+    model = type(base).from_config(base.get_config())
+    model.set_weights(base.get_weights())
+    return model
+
+
 def predict(model, x):
+    """The model's inference outputs for one batch `x`, as NumPy.
+
+    Eager TensorFlow runs these tiny models in a fraction of the time it takes
+    to trace a `predict` function (which every adapter change resets); under
+    JAX, `predict`'s compiled function is the faster of the two.
+    """
+    if keras.backend.backend() == "tensorflow":
+        return np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
     return np.asarray(model.predict(x, verbose=0, batch_size=BATCH))
 
 

@@ -1,8 +1,24 @@
+import gc
 import os
 import sys
 import tempfile
 
-import keras
+# Cheaper XLA compilation for the tests' tiny models: compiling, not running,
+# is what most tests spend their time on, and these flags halve it on both
+# backends (measured on 2 cores: `fit` of a tiny Gemma and BERT, 44 s -> 23 s
+# on JAX, 78-96 s -> 34-54 s on TensorFlow) with the same losses to 1e-7.
+# They only turn off LLVM optimizations of the generated CPU code. Set before
+# Keras imports its backend; the scripts the tests start inherit them.
+_FAST_COMPILE = (
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+)
+_flags = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join(
+    _flags + [f for f in _FAST_COMPILE if f.split("=")[0] not in " ".join(_flags)]
+)
+
+import keras  # noqa: E402
 
 # `cases.py`, `matrix.py` and the helper scripts live next to the tests.
 sys.path.insert(0, os.path.dirname(__file__))
@@ -19,6 +35,19 @@ if keras.backend.backend() == "jax":
     )
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_collection_finish(session):
+    """Moves everything imported so far (TensorFlow, JAX, Keras, the test
+    modules: about 400,000 objects) out of the garbage collector's sight.
+
+    Keras' `quantize` runs a full `gc.collect()` per variable it deletes, and
+    each full collection walks every tracked object: with the import-time
+    objects frozen, quantizing a tiny BERT takes 0.7-2 s instead of 6-12 s,
+    and the interpreter's own collections get cheaper too.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_generate_tests(metafunc):

@@ -57,18 +57,22 @@ import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 
+# The tests' tiny models (this script runs from tests/, next to cases.py).
+from cases import BATCH  # noqa: E402
+from cases import MODELS  # noqa: E402
+from cases import SEQ  # noqa: E402
+from cases import VOCAB  # noqa: E402
+
 import keras_adapters as ka  # noqa: E402
 from keras_adapters import layers as adapter_layers  # noqa: E402
 from keras_adapters.adapters.base import ADAPTER_METHODS  # noqa: E402
 from keras_adapters.kernels import frozen_kernel  # noqa: E402
 
-SEQ = 8
-VOCAB = 64
-BATCH = 16
 EPOCHS = 3
 
-# One model carries every method, each on its own layers where there are
-# enough (methods share no layer up to four methods), so that one compiled
+# One model carries every method, each on its own layers while there are
+# enough (four roles; further methods share layers as named adapters), so
+# that one compiled
 # training step covers them all: the machine running the tests has 2 CPU
 # cores and each compilation for 8 virtual devices costs seconds.
 BERT_ROLES = ("query", "value", "attention_output", "key")
@@ -122,34 +126,12 @@ def expected_gemma_layout(path, variable_axes):
 
 
 def bert(seed=0):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=SEQ,
-        dropout=0.0,
-    )
-    return keras_hub.models.BertTextClassifier(
-        backbone=backbone, num_classes=3, preprocessor=None, dropout=0.0
-    )
+    # No dropout: one device and several must compute the same losses.
+    return MODELS["bert"].build(seed, dropout=0.0)
 
 
 def gemma(seed=0):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        head_dim=8,
-        dropout=0.0,
-    )
-    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    return MODELS["gemma"].build(seed, dropout=0.0)
 
 
 def bert_data():

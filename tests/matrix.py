@@ -1,21 +1,24 @@
 """The shared test matrix: every invariant of DESIGN.md section 4, per method.
 
-`SharedMatrix` gathers the suites below. A test file runs the whole matrix for
-some adapter methods with one class:
+`SharedMatrix` gathers the suites that run in the test process. A test file
+runs them for some adapter methods with one class:
 
     class TestMyMethod(SharedMatrix):
         methods = ("my_method",)
 
 `conftest.py` parametrizes each suite's fixtures from `methods` (any method in
 the registry, `keras_adapters.adapters.base.ADAPTER_METHODS`, built from its
-`example()`). `test_adapter_matrix.py` runs it for every method the library
+`example()`). `test_adapter_matrix.py` runs them for every method the library
 registers; `test_custom_method.py` defines a method in the test file itself
 and gets the same matrix with no other edit.
 
 Each suite builds and trains once per (method, model) and class, then checks
-one invariant per test against that state. Subprocess checks (another
-backend, several devices) import the modules that define the methods, so
-methods defined in test files work there too.
+one invariant per test against that state. The checks in other processes
+(another backend, several devices) cost a backend start-up each, so they run
+once, in `test_adapter_matrix.TestInOtherProcesses`, for every registered
+method: the library's and those that test modules define (pytest imports
+every test module before it runs any test). The scripts import the modules
+that define the methods, so methods defined in test files work there too.
 """
 
 import dataclasses
@@ -32,6 +35,7 @@ from cases import MODELS
 from cases import input_shape
 from cases import max_relative_difference
 from cases import predict
+from cases import quantized_bert
 
 import keras_adapters as ka
 from keras_adapters import layers as adapter_layers
@@ -47,6 +51,11 @@ EPSILON = keras.config.epsilon()
 def example(method):
     """The registered method's small example configuration."""
     return ADAPTER_METHODS[method].example()
+
+
+def registered_methods():
+    """Every method in the registry at run time, in registration order."""
+    return tuple(ADAPTER_METHODS)
 
 
 def method_modules(methods):
@@ -295,31 +304,6 @@ QUANTIZED_CASE = MODELS["bert"]
 WEIGHT_ONLY_INT8 = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
 
 
-_QUANTIZED = {}
-
-
-def quantized_bert(config=None):
-    """A fresh int8 BERT (seed 0 weights), W8A8 or with `config`.
-
-    Keras' `quantize` runs a full `gc.collect()` per deleted variable (seconds
-    per model), so the W8A8 model is quantized once per process and then
-    rebuilt from its config (as `.keras` loading does) with its weights.
-    """
-    if config is not None:
-        # A rebuilt model would not keep the config (its activation quantizer).
-        model = QUANTIZED_CASE.build(0)
-        model.backbone.quantize("int8", config=config)
-        return model
-    if "w8a8" not in _QUANTIZED:
-        model = QUANTIZED_CASE.build(0)
-        model.backbone.quantize("int8")
-        _QUANTIZED["w8a8"] = model
-    base = _QUANTIZED["w8a8"]
-    model = type(base).from_config(base.get_config())
-    model.set_weights(base.get_weights())
-    return model
-
-
 def reference_kernel(layer):
     """The dequantized kernel `int8 / scale` of an int8 BERT projection."""
     kernel = _numpy(layer._kernel).astype("float64")
@@ -415,7 +399,7 @@ class QuantizedMatrix:
         )
 
     def test_quantized_merge_float_weight_only_equals_unmerged(self, quantized):
-        model = quantized_bert(config=WEIGHT_ONLY_INT8)
+        model = quantized_bert(config=WEIGHT_ONLY_INT8, rebuilt=False)
         ka.load_adapter_weights(model, quantized["adapter_file"])
         adapted = ka.adapted_layers(model)
         unmerged = eager_outputs(model)
@@ -499,12 +483,12 @@ CROSS_MODELS = ("bert", "gemma")
 
 
 class CrossBackendMatrix:
-    """Files written under this backend load under the other one."""
-
-    methods = ()
+    """Files written under this backend load under the other one, for every
+    registered method."""
 
     def test_files_load_under_the_other_backend(self, tmp_path):
-        for method in self.methods:
+        methods = registered_methods()
+        for method in methods:
             for model_id in CROSS_MODELS:
                 name = f"{method}-{model_id}"
                 case = MODELS[model_id]
@@ -520,10 +504,8 @@ class CrossBackendMatrix:
                 model.save(str(tmp_path / f"{name}.keras"))
                 np.savez(tmp_path / f"{name}.npz", outputs=predict(model, case.x))
         other = "tensorflow" if BACKEND == "jax" else "jax"
-        output = _run_script(
-            "cross_backend_check.py", [str(tmp_path)], other, self.methods
-        )
-        assert output.count("adapter file") == len(self.methods) * len(CROSS_MODELS)
+        output = _run_script("cross_backend_check.py", [str(tmp_path)], other, methods)
+        assert output.count("adapter file") == len(methods) * len(CROSS_MODELS)
 
 
 # ------------------------------------------------------------- several devices
@@ -531,9 +513,7 @@ class CrossBackendMatrix:
 
 class DistributionMatrix:
     """Training on several devices equals one device; layouts follow the
-    kernels (see tests/distribution_check.py)."""
-
-    methods = ()
+    kernels (see tests/distribution_check.py), for every registered method."""
 
     @pytest.fixture(scope="class")
     def multi_device(self, tmp_path_factory):
@@ -546,8 +526,9 @@ class DistributionMatrix:
                 os.environ.get("XLA_FLAGS", "")
                 + " --xla_force_host_platform_device_count=8"
             ).strip()
-        args = [str(output), "--methods", ",".join(self.methods)]
-        _run_script("distribution_check.py", args, BACKEND, self.methods, env, 1200)
+        methods = registered_methods()
+        args = [str(output), "--methods", ",".join(methods)]
+        _run_script("distribution_check.py", args, BACKEND, methods, env, 1200)
         with open(output) as f:
             return json.load(f)
 
@@ -564,7 +545,7 @@ class DistributionMatrix:
         entry = multi_device["data_parallel"]
         self._assert_same_losses(entry)
         names = {path.rsplit("/", 1)[1].split(".")[0] for path in entry["layouts"]}
-        expected = {n for m in self.methods for n in entry["variables"][m]}
+        expected = {n for m in registered_methods() for n in entry["variables"][m]}
         assert names == expected
         assert all(all(a is None for a in s) for s in entry["layouts"].values())
         assert entry["device_counts"] == [8]
@@ -598,11 +579,9 @@ class DistributionMatrix:
         assert export["relative_difference"] <= 1e-5
 
 
-class SharedMatrix(
-    AdapterMatrix,
-    QuantizedMatrix,
-    PrecisionMatrix,
-    CrossBackendMatrix,
-    DistributionMatrix,
-):
-    """Every suite above; subclass it and set `methods`."""
+class SharedMatrix(AdapterMatrix, QuantizedMatrix, PrecisionMatrix):
+    """The in-process suites; subclass it and set `methods`."""
+
+
+class OtherProcessMatrix(CrossBackendMatrix, DistributionMatrix):
+    """The suites in other processes, for every registered method."""

@@ -4,14 +4,13 @@ registers; see `matrix.py`.
 The in-process suites run in one class per method, so that `pytest -n`
 (`--dist loadscope`, as `nox -s tests` runs it) spreads the methods over
 workers; the checks in another process (the other backend, several devices)
-run once for all methods together, each process costing a backend start-up.
+run once for every registered method together (the library's and those test
+modules define, such as `test_custom_method.py`'s IA3), each process costing
+a backend start-up.
 """
 
-from matrix import AdapterMatrix
-from matrix import CrossBackendMatrix
-from matrix import DistributionMatrix
-from matrix import PrecisionMatrix
-from matrix import QuantizedMatrix
+from matrix import OtherProcessMatrix
+from matrix import SharedMatrix
 
 from keras_adapters.adapters.base import ADAPTER_METHODS
 
@@ -27,15 +26,11 @@ def test_the_matrix_covers_every_library_method():
     assert all(f"Test_{m}" in globals() for m in LIBRARY_METHODS)
 
 
-class InProcessMatrix(AdapterMatrix, QuantizedMatrix, PrecisionMatrix):
-    """The suites that run in the test process."""
-
-
 for _method in LIBRARY_METHODS:
     globals()[f"Test_{_method}"] = type(
-        f"Test_{_method}", (InProcessMatrix,), {"methods": (_method,)}
+        f"Test_{_method}", (SharedMatrix,), {"methods": (_method,)}
     )
 
 
-class TestInOtherProcesses(CrossBackendMatrix, DistributionMatrix):
-    methods = LIBRARY_METHODS
+class TestInOtherProcesses(OtherProcessMatrix):
+    pass

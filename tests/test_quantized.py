@@ -8,9 +8,8 @@ QuantizedMatrix); this file checks the machinery once, with LoRA: merge
 choices and their errors, `.keras` files, int4 configurations, mixed
 precision, unsupported modes and the order quantize-then-adapt.
 
-Speed: Keras' `quantize` runs a full `gc.collect()` per deleted variable
-(seconds per model here), so most tests rebuild the quantized model from its
-config (`rebuilt`, as `.keras` loading does: quantized policies in a
+Speed: most tests rebuild the quantized model from a config
+(`cases.quantized_bert`, as `.keras` loading does: quantized policies in a
 `DTypePolicyMap`, no `quantization_config`) instead of quantizing again, and
 call the models eagerly rather than compiling `predict`.
 """
@@ -22,6 +21,7 @@ from cases import BATCH
 from cases import MODELS
 from cases import input_shape
 from cases import max_relative_difference
+from cases import quantized_bert
 
 import keras_adapters as ka
 from keras_adapters import layers as adapter_layers
@@ -36,28 +36,11 @@ INT4_CONFIGS = {
 }
 
 
-def quantized_bert(mode="int8", config=None, seed=0):
-    model = CASE.build(seed)
-    model.backbone.quantize(mode, config=config)
-    return model
-
-
-_QUANTIZED = {}
-
-
 def rebuilt(mode="int8"):
-    """A fresh int8 (or int4, block size 8) BERT, rebuilt from a config.
-
-    Seed 0 weights; equal to `quantized_bert(mode)` but for how its
-    quantized layers hold their policy (see the module docstring).
-    """
-    if mode not in _QUANTIZED:
-        config = INT4_CONFIGS["int4_grouped"] if mode == "int4" else None
-        _QUANTIZED[mode] = quantized_bert(mode, config=config)
-    base = _QUANTIZED[mode]
-    model = type(base).from_config(base.get_config())
-    model.set_weights(base.get_weights())
-    return model
+    """A fresh int8 (W8A8) or int4 (block size 8) BERT rebuilt from a config."""
+    return quantized_bert(
+        mode, INT4_CONFIGS["int4_grouped"] if mode == "int4" else None
+    )
 
 
 def predict(model, x=None):
@@ -87,7 +70,7 @@ def _train(model, adapter, epochs=5):
 
 @pytest.fixture(scope="module", params=["lora"])
 def trained(request, tmp_path_factory):
-    model = quantized_bert()
+    model = quantized_bert(rebuilt=False)
     base = predict(model)
     init, frozen, adapters, losses = _train(model, METHODS[request.param]())
     path = str(tmp_path_factory.mktemp(request.param) / "a.weights.h5")
@@ -211,7 +194,7 @@ INT4_CASES = {
 @pytest.mark.parametrize("config_id", list(INT4_CASES))
 def test_int4_base(config_id, tmp_path):
     config = INT4_CONFIGS[config_id]
-    model = quantized_bert("int4", config=config)
+    model = quantized_bert("int4", config=config, rebuilt=False)
     base = predict(model)
     init, frozen, _, losses = _train(model, METHODS[INT4_CASES[config_id]](), 20)
     assert max_relative_difference(init, base) <= 1e-5
@@ -262,7 +245,7 @@ def test_mixed_bfloat16_trains_and_keeps_adapters_float32():
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        model = quantized_bert()
+        model = quantized_bert(rebuilt=False)
         base = predict(model).astype("float32")
         init, _, _, losses = _train(model, METHODS["lora"](), epochs=15)
     finally:
