@@ -38,6 +38,8 @@ from keras_adapters.model import disable_adapters
 from keras_adapters.model import enable_adapter
 from keras_adapters.model import set_active_adapters
 from keras_adapters.optimizers import role
+from keras_adapters.per_example import PerExampleModel
+from keras_adapters.per_example import per_example_adapters
 from keras_adapters.saving import load_adapter_weights
 from keras_adapters.saving import read_adapter_spec
 from keras_adapters.saving import save_adapter_weights
@@ -49,6 +51,7 @@ __all__ = [
     "Adapter",
     "AdapterReport",
     "FineTuningReport",
+    "PerExampleModel",
     "ExportReport",
     "ExportVerificationError",
     "GOFT",
@@ -73,6 +76,7 @@ __all__ = [
     "load_adapter_weights",
     "merge_adapters",
     "optimizers",
+    "per_example_adapters",
     "quantization",
     "read_adapter_spec",
     "register_adapter",

@@ -1,13 +1,15 @@
-"""Merged SavedModel export, verified in a fresh process.
+"""SavedModel export, verified in a fresh process.
 
 `export_saved_model` exports a copy of the model with its adapters merged, so
 the SavedModel holds plain kernels: no adapter variables, no adapter ops, and
-nothing that needs keras_adapters to load.
+nothing that needs keras_adapters to load. With `adapters=[...]` it exports
+the per-example model instead (`keras_adapters.per_example`): the base
+weights once, the named adapters' factors, and an `adapter_id` input; still
+plain TensorFlow ops.
 """
 
 import dataclasses
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -19,7 +21,11 @@ from keras_adapters import _io
 from keras_adapters import _validation
 from keras_adapters import merge
 from keras_adapters import model as adapter_model
+from keras_adapters import per_example
 from keras_adapters import targeting
+from keras_adapters._model_inputs import _Inputs
+from keras_adapters._model_inputs import _inputs
+from keras_adapters._model_inputs import _model_inputs
 
 # Runs in a fresh interpreter that only has TensorFlow: it loads the
 # SavedModel, calls `serving_default` on the saved inputs and saves outputs.
@@ -62,6 +68,8 @@ class ExportReport:
         max_relative_difference: between the reloaded SavedModel and the
             (unmerged) model on the verification inputs; None if not verified.
         notes: anything worth knowing (e.g. "the model has no adapters").
+        adapters: the adapters served per example (`adapter_id` k is
+            `adapters[k]`), or `[]` for a merged export.
     """
 
     path: str
@@ -71,12 +79,18 @@ class ExportReport:
     num_parameters: int
     max_relative_difference: float | None
     notes: list
+    adapters: list = dataclasses.field(default_factory=list)
 
     def __str__(self):
         lines = [f"SavedModel at {self.path}"]
         lines += [f"  input {n}: shape {s}, {d}" for n, (s, d) in self.inputs.items()]
+        if self.adapters:
+            ids = ", ".join(f"{k} = {n}" for k, n in enumerate(self.adapters))
+            what = f"adapters per example (adapter_id -1 = base, {ids})"
+        else:
+            what = f"{len(self.merged_layers)} adapted layers merged"
         lines.append(
-            f"  {len(self.merged_layers)} adapted layers merged; "
+            f"  {what}; "
             f"{self.num_variables} variables, {self.num_parameters:,} parameters"
         )
         if self.max_relative_difference is not None:
@@ -88,70 +102,9 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def _model_inputs(model):
-    inputs = model.inputs
-    if not inputs:
-        raise ValueError(
-            f"Model '{model.name}' has no symbolic inputs (a subclassed model?); "
-            "pass `input_signature=` with one keras.InputSpec or "
-            "tf.TensorSpec per input."
-        )
-    return inputs
-
-
-# Names Keras gives inputs created without `name=`: they change from one
-# model to the next, so the signature uses positional names instead.
-_AUTOMATIC_NAME = re.compile(r"keras_tensor(_\d+)?|input_layer(_\d+)?")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Inputs:
-    """How the model takes its inputs, and their names in the signature.
-
-    Attributes:
-        kind: "dict" (KerasHub backbones and tasks, functional models built
-            from a dict), "single" (one tensor: `keras.Sequential`, most
-            functional models) or "list" (several positional tensors).
-        names: the signature's input names, in the model's order: dict keys,
-            else each `keras.Input`'s name, or `inputs` / `inputs_<i>` for
-            inputs Keras named automatically.
-        tensors: the model's symbolic inputs, in the same order.
-    """
-
-    kind: str
-    names: tuple
-    tensors: tuple
-
-    def structure(self, values):
-        """`values` (`{name: value}`) in the structure the model is called with."""
-        if self.kind == "dict":
-            return {name: values[name] for name in self.names}
-        if self.kind == "single":
-            return values[self.names[0]]
-        return [values[name] for name in self.names]
-
-
-def _inputs(model):
-    tensors = list(_model_inputs(model))
-    structure = None
-    if not isinstance(model, keras.Sequential):
-        try:
-            structure = model.input
-        except (AttributeError, ValueError):
-            structure = None
-    if isinstance(structure, dict):
-        return _Inputs("dict", tuple(structure), tuple(structure.values()))
-    names = [getattr(t, "name", None) or "" for t in tensors]
-    automatic = any(_AUTOMATIC_NAME.fullmatch(n) for n in names)
-    if automatic or len(set(names)) != len(names):
-        names = [f"inputs_{i}" for i in range(len(tensors))]
-        if len(tensors) == 1:
-            names = ["inputs"]
-    kind = "single" if len(tensors) == 1 else "list"
-    return _Inputs(kind, tuple(names), tuple(tensors))
-
-
 def _sequence_bound(model):
+    if isinstance(model, per_example.PerExampleModel):
+        model = model.model
     backbone = getattr(model, "backbone", model)
     return getattr(backbone, "max_sequence_length", None)
 
@@ -227,8 +180,8 @@ def _sample_inputs(model, specs, batch_size=3, sequence_length=8):
     return samples
 
 
-def _plain_copy(model):
-    """A copy of `model` with the same weights and its adapters merged."""
+def _copy(model):
+    """A copy of `model` (adapters included) with the same weights."""
     config = keras.saving.serialize_keras_object(model)
     # The copy is never trained: without its compile config, Keras neither
     # compiles it nor warns that a KerasHub task's compile() was not replayed.
@@ -239,6 +192,21 @@ def _plain_copy(model):
         key = targeting.relative_path(copy.name, variable.path)
         if key in source and tuple(source[key].shape) == tuple(variable.shape):
             variable.assign(source[key])
+    return copy
+
+
+def _per_example_copy(model, names):
+    """A `PerExampleModel` over a copy of `model` that keeps only `names`."""
+    copy = _copy(model)
+    for name in adapter_model.adapter_names(copy):
+        if name not in names:
+            adapter_model.delete_adapter(copy, name)
+    return per_example.PerExampleModel(copy, names)
+
+
+def _plain_copy(model):
+    """A copy of `model` with the same weights and its adapters merged."""
+    copy = _copy(model)
     merged = []
     # The export computes what the model computes now: inactive adapters go.
     active = adapter_model.active_adapters(copy)
@@ -261,6 +229,7 @@ def export_saved_model(
     preprocessor=None,
     verify: bool = True,
     tolerance: float = 1e-5,
+    adapters=None,
 ) -> ExportReport:
     """Exports `model` with merged adapters as a TensorFlow SavedModel.
 
@@ -278,6 +247,15 @@ def export_saved_model(
     then swapped into place atomically (`keras_adapters._io`): `path`
     always holds the old or the new complete export, and an export killed
     mid-swap is restored (and its leftovers removed) by the next call.
+
+    With `adapters=[...]`, the SavedModel serves those adapters per example
+    instead (`ka.per_example_adapters`): `serving_default` takes the
+    model's inputs plus `adapter_id`, int32 of shape `(batch,)`, and gives
+    example `i` the output of the model with only adapter
+    `adapters[adapter_id[i]]` (`-1`: the base model; ids out of range also
+    give the base model, as nothing can raise inside a served graph). It
+    holds the base weights once and each adapter's factors, and loads with
+    `tf.saved_model.load` alone. The verification covers every id.
 
     Args:
         model: a built Keras model, with or without adapters (without, it is
@@ -299,6 +277,9 @@ def export_saved_model(
             which export; on JAX tokenize in the serving client instead.
         verify: reload and compare in a fresh process (recommended).
         tolerance: the largest accepted relative difference.
+        adapters: None (merge the active adapters), or a list of adapter
+            names to serve per example. With `sample_inputs`, include
+            `adapter_id`.
 
     Returns:
         An `ExportReport`.
@@ -313,7 +294,9 @@ def export_saved_model(
 
     ```python
     report = ka.export_saved_model(classifier, "serving/news")
-    print(report)
+    many = ka.export_saved_model(
+        classifier, "serving/all", adapters=["news", "sports"]
+    )
     ```
     """
     if not isinstance(model, keras.Model):
@@ -338,6 +321,9 @@ def export_saved_model(
         "tolerance", tolerance, low=0, low_inclusive=False
     )
     preprocessor = _check_preprocessor(model, preprocessor)
+    serving = None
+    if adapters is not None:
+        serving = per_example.PerExampleModel(model, adapters)
     if model.inputs:
         inputs = _inputs(model)
     elif isinstance(input_signature, dict):  # a subclassed model takes a dict
@@ -349,7 +335,14 @@ def export_saved_model(
     specs, polymorphic = _signature(inputs, input_signature, sequence_length)
     if preprocessor is not None:
         specs = {"texts": ((None,), "string")}
+    if serving is not None:
+        specs[per_example.ADAPTER_ID] = ((None,), "int32")
+        polymorphic[per_example.ADAPTER_ID] = "(b)"
+    if serving is not None and sample_inputs is None:
+        sample_inputs = _per_example_samples(model, serving, specs, preprocessor)
     sample_inputs = _check_sample_inputs(model, sample_inputs, specs, preprocessor)
+    if serving is not None:
+        serving._check_range(sample_inputs[per_example.ADAPTER_ID])
     notes = []
     if preprocessor is not None:
         notes.append(
@@ -363,14 +356,30 @@ def export_saved_model(
         features = preprocessor(sample_inputs["texts"])
     else:
         features = inputs.structure(sample_inputs)
-    expected = keras.ops.convert_to_numpy(model(features, training=False))
-    plain, merged = _plain_copy(model)
+    if serving is not None:
+        if not isinstance(features, dict):
+            features = {n: sample_inputs[n] for n in inputs.names}
+        ids = sample_inputs[per_example.ADAPTER_ID]
+        features = {**features, per_example.ADAPTER_ID: ids}
+        expected = keras.ops.convert_to_numpy(serving(features, training=False))
+        plain, merged = _per_example_copy(model, serving.slots), []
+        notes.append(
+            f"serves {serving.slots} per example: adapter_id k is adapter k, -1 "
+            "(and ids out of range) the base model"
+        )
+        structure = dict
+    else:
+        expected = keras.ops.convert_to_numpy(model(features, training=False))
+        plain, merged = _plain_copy(model)
+        structure = inputs.structure if inputs is not None else dict
 
     with _io.atomic_directory(path, overwrite=overwrite) as staging:
         if preprocessor is not None:
-            _export_with_preprocessor(plain, preprocessor, staging)
+            _export_with_preprocessor(
+                plain, preprocessor, staging, per_example=serving is not None
+            )
         else:
-            _export(plain, staging, inputs, specs, polymorphic, sequence_length)
+            _export(plain, staging, structure, specs, polymorphic, sequence_length)
         difference = None
         if verify:
             outputs, (num_variables, num_parameters) = _run_in_fresh_process(
@@ -395,7 +404,22 @@ def export_saved_model(
         num_parameters=num_parameters,
         max_relative_difference=difference,
         notes=notes,
+        adapters=serving.slots if serving is not None else [],
     )
+
+
+def _per_example_samples(model, serving, specs, preprocessor):
+    """Verification inputs whose ids cover the base model and every adapter."""
+    count = len(serving.slots) + 1
+    batch = max(3, count)
+    if preprocessor is not None:
+        texts = ["a b c", "hello world", "x"]
+        samples = {"texts": np.array([texts[i % 3] for i in range(batch)])}
+    else:
+        model_specs = {k: v for k, v in specs.items() if k != per_example.ADAPTER_ID}
+        samples = _sample_inputs(model, model_specs, batch_size=batch)
+    ids = np.arange(batch) % count - 1
+    return {**samples, per_example.ADAPTER_ID: ids.astype("int32")}
 
 
 def _check_sample_inputs(model, sample_inputs, specs, preprocessor):
@@ -439,13 +463,14 @@ def _check_sample_inputs(model, sample_inputs, specs, preprocessor):
     return checked
 
 
-def _export(model, directory, inputs, specs, polymorphic, sequence_length):
+def _export(model, directory, structure, specs, polymorphic, sequence_length):
+    """`structure`: `{name: value}` -> what the model is called with."""
     import tensorflow as tf
 
     tensor_specs = {
         n: tf.TensorSpec(shape, dtype, name=n) for n, (shape, dtype) in specs.items()
     }
-    signature = [inputs.structure(tensor_specs)]
+    signature = [structure(tensor_specs)]
     kwargs = {}
     if keras.backend.backend() == "jax":
         bound = _sequence_bound(model)
@@ -454,7 +479,7 @@ def _export(model, directory, inputs, specs, polymorphic, sequence_length):
             (f"s <= {bound}",) if bound and dynamic and not sequence_length else ()
         )
         kwargs["jax2tf_kwargs"] = {
-            "polymorphic_shapes": [inputs.structure(polymorphic)],
+            "polymorphic_shapes": [structure(polymorphic)],
             "polymorphic_constraints": constraints,
             "with_gradient": False,
         }
@@ -493,21 +518,29 @@ def _check_preprocessor(model, preprocessor):
     return preprocessor
 
 
-def _export_with_preprocessor(model, preprocessor, directory):
+def _export_with_preprocessor(model, preprocessor, directory, per_example=False):
     import tensorflow as tf
 
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.track(preprocessor)
+    texts_spec = tf.TensorSpec((None,), tf.string, name="texts")
 
-    def serve(texts):
-        return model(preprocessor(texts), training=False)
+    if per_example:
+        ids_spec = tf.TensorSpec((None,), tf.int32, name="adapter_id")
 
-    archive.add_endpoint(
-        "serve",
-        serve,
-        input_signature=[tf.TensorSpec((None,), tf.string, name="texts")],
-    )
+        def serve(texts, adapter_id):
+            features = {**preprocessor(texts), "adapter_id": adapter_id}
+            return model(features, training=False)
+
+        signature = [texts_spec, ids_spec]
+    else:
+
+        def serve(texts):
+            return model(preprocessor(texts), training=False)
+
+        signature = [texts_spec]
+    archive.add_endpoint("serve", serve, input_signature=signature)
     archive.write_out(directory, verbose=False)
 
 

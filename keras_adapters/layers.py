@@ -11,6 +11,9 @@ into the kernel; when the last one goes, the layer switches back to its
 original class. See `docs/how_adapters_attach.md`.
 """
 
+import contextlib
+import contextvars
+
 import keras
 from keras import ops
 
@@ -32,12 +35,31 @@ __all__ = [
     "check_supported",
     "composed_kernel",
     "detach",
+    "dispatching",
     "is_adapted",
     "planned_variables",
     "slots",
 ]
 
 DEFAULT_NAME = "default"
+
+
+# While set, a function `(layer, kernel, inputs, training) -> outputs` that
+# computes every adapted layer's output before bias and activation, in place
+# of its active adapters: per-example adapters (`keras_adapters.per_example`)
+# route each example through its own adapter this way, inside the trace of
+# the model's call.
+_DISPATCH = contextvars.ContextVar("keras_adapters_dispatch", default=None)
+
+
+@contextlib.contextmanager
+def dispatching(dispatch):
+    """Adapted layers called in this context compute with `dispatch`."""
+    token = _DISPATCH.set(dispatch)
+    try:
+        yield
+    finally:
+        _DISPATCH.reset(token)
 
 
 def check_supported(layer):
@@ -294,7 +316,10 @@ class _AdaptedLayer(internals.QuantizeHooks):
         kernel = self._keras_adapters_kernel
         # On an int8 layer: the inputs quantized as Keras would (else `x`).
         inputs = kernel.prepare_inputs(inputs)
-        if len(active) == 1:
+        dispatch = _DISPATCH.get()
+        if dispatch is not None:
+            outputs = dispatch(self, kernel, inputs, training)
+        elif len(active) == 1:
             slot = active[0]
             outputs = slot.adapter.call(slot, kernel, inputs, training=training)
         elif all(slot.adapter.additive for slot in active):

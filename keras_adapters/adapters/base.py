@@ -339,6 +339,54 @@ class Adapter:
         """`{name in peft_tensors: np.ndarray}` in PEFT's layout."""
         raise ValueError(f"{type(self).__name__} adapters have no PEFT equivalent.")
 
+    def per_example_factors(self, weights, kernel):
+        """This adapter on one layer as stackable factors (per-example adapters).
+
+        A method that supports `ka.per_example_adapters` writes its layer's
+        output before bias as `(x W + (dropout(x) a) b) * output_scale`: the
+        per-example path stacks these pieces for several adapters (padding
+        `a` and `b` to the largest rank) and gathers each example's. Only the
+        class that defines this hook supports it: a subclass that changes
+        the math (DoRA on LoRA) defines its own, or is refused.
+
+        Args:
+            weights: the adapter's variables on the layer.
+            kernel: the layer's frozen kernel.
+
+        Returns:
+            `{"a": (d_in, r), "b": (r, d_out)}` in float32, the scale folded
+            into `b`; optionally `"output_scale"`, a `(d_out,)` vector, and
+            `"dropout"`, the rate of dropout on `x` in training.
+        """
+        raise NotImplementedError
+
+    def values_from(self, other, values, kernel):
+        """`{variable name: array}` giving this adapter `other`'s update.
+
+        Loads another adapter's weights into a per-example slot of this
+        configuration (`PerExampleModel.load_adapter`) without changing the
+        slot's shapes, so nothing recompiles. The default accepts an equal
+        configuration only.
+
+        Args:
+            other: the configuration the values were saved with.
+            values: `{variable name: np.ndarray}` of `other` on one layer,
+                or None where `other` does not adapt the layer (no update).
+            kernel: the layer's frozen kernel.
+        """
+        if other != self:
+            raise ValueError(
+                f"Cannot load {other!r} weights into a slot holding {self!r}: "
+                f"{type(self).__name__} slots take weights of the same "
+                "configuration only."
+            )
+        if values is None:
+            raise ValueError(
+                f"The loaded {other!r} does not adapt layer '{kernel.path}', "
+                f"which a {type(self).__name__} slot cannot leave unchanged."
+            )
+        return values
+
     def reference_matrix(self, values, matrix):
         """The adapted matrix by a NumPy formula (for tests).
 

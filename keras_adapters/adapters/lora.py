@@ -290,6 +290,33 @@ class LoRA(LowRankAdapter):
             delta = delta - kernel.expand_outputs(start, weights["lora_b0"])
         return delta
 
+    def per_example_factors(self, weights, kernel):
+        return {
+            "a": weights["lora_a"],
+            "b": ops.multiply(weights["lora_b"], self.scale),
+            "dropout": self.dropout,
+        }
+
+    def values_from(self, other, values, kernel):
+        """Any LoRA of rank <= this one's: `A` padded with zero columns, `B`
+        with zero rows and rescaled by `other.scale / self.scale`, so that
+        `s A B` is `other`'s update exactly; `B = 0` where `values` is None."""
+        if type(self) is not LoRA or type(other) is not LoRA:
+            return super().values_from(other, values, kernel)
+        if other.rank > self.rank:
+            raise ValueError(
+                f"Cannot load a rank-{other.rank} LoRA into a slot of rank "
+                f"{self.rank} (layer '{kernel.path}'); reserve the slot with a "
+                f"LoRA of rank >= {other.rank}."
+            )
+        if values is None:  # `other` does not adapt this layer
+            return {"lora_b": np.zeros((self.rank, kernel.d_out), "float32")}
+        pad = self.rank - other.rank
+        a = np.pad(np.asarray(values["lora_a"], "float64"), [(0, 0), (0, pad)])
+        b = np.asarray(values["lora_b"], "float64") * (other.scale / self.scale)
+        b = np.pad(b, [(0, pad), (0, 0)])
+        return {"lora_a": a.astype("float32"), "lora_b": b.astype("float32")}
+
     def reference_matrix(self, values, matrix):
         product = values["lora_a"] @ values["lora_b"]
         if "lora_a0" in values:

@@ -130,12 +130,88 @@ class KernelView:
         equation = f"{self._batch}{r},{r}{out_letters}->{self._output_term}"
         return ops.einsum(equation, hidden, factor)
 
+    def _per_example_terms(self):
+        """`(inputs, in letters, batch, out letters, outputs, example letter,
+        rank letter)` for contractions with one factor per example.
+
+        The example axis is the first axis of the inputs (an ellipsis at the
+        front gets an explicit letter for it).
+        """
+        if self.equation is None:
+            inputs, kernel, outputs = "...i", "io", "...o"
+        else:
+            inputs, kernel, outputs = (
+                self._input_term,
+                self._kernel_term,
+                self._output_term,
+            )
+        used = inputs + kernel + outputs
+        free = [c for c in string.ascii_letters if c not in used]
+        if inputs.startswith("..."):
+            example = free.pop(0)
+            inputs = example + inputs
+            outputs = outputs.replace("...", example + "...")
+        else:
+            example = inputs[0]
+            if example in kernel:
+                raise UnsupportedLayerError(
+                    f"Equation '{self.equation}' contracts the first input axis; "
+                    "per-example adapters need the batch axis first."
+                )
+        batch = "".join(c for c in inputs if c not in kernel)
+        in_letters = "".join(c for c in kernel if c in inputs)
+        out_letters = "".join(c for c in kernel if c in outputs)
+        return inputs, in_letters, batch, out_letters, outputs, example, free[0]
+
+    def contract_inputs_per_example(self, inputs, factors):
+        """`contract_inputs` with one `(d_in, r)` factor per example.
+
+        Args:
+            inputs: the layer's inputs, examples on the first axis.
+            factors: `(batch, d_in, r)`, example `i`'s factor at `i`.
+
+        Returns:
+            A tensor of shape `batch_axes + (r,)`.
+        """
+        terms, in_letters, batch, _, _, example, r = self._per_example_terms()
+        factors = ops.reshape(factors, (-1,) + self.in_shape + (factors.shape[-1],))
+        equation = f"{terms},{example}{in_letters}{r}->{batch}{r}"
+        return ops.einsum(equation, inputs, factors)
+
+    def expand_outputs_per_example(self, hidden, factors):
+        """`expand_outputs` with one `(r, d_out)` factor per example.
+
+        Args:
+            hidden: `batch_axes + (r,)`, as `contract_inputs_per_example`
+                returns.
+            factors: `(batch, r, d_out)`.
+
+        Returns:
+            A tensor in the layer's output layout.
+        """
+        _, _, batch, out_letters, outputs, example, r = self._per_example_terms()
+        factors = ops.reshape(factors, (-1, factors.shape[1]) + self.out_shape)
+        equation = f"{batch}{r},{example}{r}{out_letters}->{outputs}"
+        return ops.einsum(equation, hidden, factors)
+
     def scale_outputs(self, outputs, vector):
         """Multiplies `outputs` (layer layout) by a `(d_out,)` vector.
 
         Entry `j` of `vector` scales column `j` of the 2-D view.
         """
         return ops.multiply(outputs, ops.reshape(vector, self._output_broadcast()))
+
+    def scale_outputs_per_example(self, outputs, vectors):
+        """`scale_outputs` with one `(d_out,)` vector per example.
+
+        Args:
+            outputs: the layer's outputs, examples on the first axis.
+            vectors: `(batch, d_out)`.
+        """
+        trailing = self._output_broadcast()
+        middle = len(outputs.shape) - 1 - len(trailing)
+        shape = (-1,) + (1,) * middle + trailing
+        return ops.multiply(outputs, ops.reshape(vectors, shape))
 
     def _output_broadcast(self):
         if self.equation is None:
