@@ -246,8 +246,9 @@ class PerExampleModel(keras.Model):
         assignments = []
         for key, layer in layers.items():
             slot_weights = adapter_layers.slots(layer)[target]
+            # The file's configuration on this layer (its rank/alpha patterns).
             new = slot_weights.adapter.values_from(
-                source, values.get(key), slot_weights.kernel
+                source.for_layer(key), values.get(key), slot_weights.kernel
             )
             for short, value in new.items():
                 variable = slot_weights[short]

@@ -172,6 +172,40 @@ def test_einsum_and_dense_layers_an_output_scale_hook_and_dropout():
     np.testing.assert_array_equal(changed, ids == 3)
 
 
+def test_pissa_and_rank_pattern_adapters_per_example(tmp_path):
+    """A PiSSA adapter (its kept initial factors: rank 2 r) and one with a
+    per-layer rank pattern, each example against its adapter alone; hot-swap
+    refuses the PiSSA slot and changes nothing."""
+    case = MODELS["bert"]
+    model = case.build(0)
+    ka.enable_adapter(
+        model, ka.LoRA(rank=2, init="pissa"), targets=case.targets, name="p"
+    )
+    ka.enable_adapter(
+        model,
+        ka.LoRA(rank=1, rank_pattern={".*/value": 3}, alpha_pattern={".*/value": 6}),
+        targets=case.targets,
+        name="q",
+    )
+    _randomize(model)
+    references = {
+        n: _alone(model, case.x, names)
+        for n, names in [(-1, []), (0, ["p"]), (1, ["q"])]
+    }
+    assert _relative(references[0], references[-1]) > 1e-3
+    ids = (np.arange(16) % 3 - 1).astype("int32")
+    serving = ka.per_example_adapters(model, ["p", "q"])
+    got = _numpy(serving({**case.x, "adapter_id": ids}))
+    assert _relative(got, _expected(references, ids)) <= 1e-5
+
+    ka.save_adapter_weights(model, tmp_path / "q.h5", names="q")
+    before = [_numpy(v) for v in ka.adapter_variables(model, "p")]
+    with pytest.raises(ValueError, match="init='pissa'"):
+        serving.load_adapter("p", tmp_path / "q.h5")
+    for old, new in zip(before, ka.adapter_variables(model, "p"), strict=True):
+        np.testing.assert_array_equal(old, _numpy(new))
+
+
 def test_a_model_without_symbolic_inputs_takes_inputs():
     case = MODELS["subclassed"]
     model = case.build(0)

@@ -291,11 +291,21 @@ class LoRA(LowRankAdapter):
         return delta
 
     def per_example_factors(self, weights, kernel):
-        return {
-            "a": weights["lora_a"],
-            "b": ops.multiply(weights["lora_b"], self.scale),
-            "dropout": self.dropout,
-        }
+        a, b = weights["lora_a"], weights["lora_b"]
+        if "lora_a0" in weights:
+            # `s (A B - A0 B0)` as one factor pair of rank 2 r. Dropout would
+            # also reach the `A0` half, which the adapter itself applies to
+            # the undropped inputs: refused rather than silently different.
+            if self.dropout > 0:
+                raise ValueError(
+                    f"Per-example adapters do not support LoRA(init="
+                    f"{self.init!r}) with dropout={self.dropout} (layer "
+                    f"'{kernel.path}'): its initial factors see the inputs "
+                    "without dropout. Use dropout=0.0 for this adapter."
+                )
+            a = ops.concatenate([a, weights["lora_a0"]], axis=1)
+            b = ops.concatenate([b, ops.negative(weights["lora_b0"])], axis=0)
+        return {"a": a, "b": ops.multiply(b, self.scale), "dropout": self.dropout}
 
     def values_from(self, other, values, kernel):
         """Any LoRA of rank <= this one's: `A` padded with zero columns, `B`
@@ -303,6 +313,14 @@ class LoRA(LowRankAdapter):
         `s A B` is `other`'s update exactly; `B = 0` where `values` is None."""
         if type(self) is not LoRA or type(other) is not LoRA:
             return super().values_from(other, values, kernel)
+        for adapter in (self, other):
+            if adapter.keeps_initial_factors:
+                raise ValueError(
+                    f"Cannot hot-swap a LoRA with init={adapter.init!r} "
+                    f"(layer '{kernel.path}'): only plain LoRA slots and files "
+                    "swap; save it as a PEFT adapter (a plain LoRA of rank "
+                    "2 r) and load that."
+                )
         if other.rank > self.rank:
             raise ValueError(
                 f"Cannot load a rank-{other.rank} LoRA into a slot of rank "
