@@ -465,7 +465,7 @@ def save_peft_adapter(
     for module, slot in modules.items():
         key = f"{_KEY_PREFIX}{module_prefix}{module}"
         for tensor, value in lora.to_peft_tensors(slot).items():
-            tensors[f"{key}.{tensor}.weight"] = value
+            tensors[f"{key}.{tensor}{_tensor_suffix(type(lora), tensor)}"] = value
     available = {m for m in map(to_module, _layer_paths(root)) if m is not None}
     config = {
         "peft_type": lora.peft_type,
@@ -473,7 +473,6 @@ def save_peft_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
-        **lora.peft_config(),
         "target_modules": _target_modules(
             architecture, set(modules), available, module_prefix
         ),
@@ -489,6 +488,7 @@ def save_peft_adapter(
         "exclude_modules": None,
         "lora_bias": False,
     }
+    config.update(lora.peft_config())  # the method's own settings win (use_dora)
     _warn_about_other_trained_weights(model, name)
     with _io.atomic_directory(path, overwrite=overwrite) as staging:
         with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -730,8 +730,12 @@ def _lora_from_config(config, architecture, directory):
             f"{directory!r} is a PEFT adapter with peft_type={peft_type!r}; only "
             "LoRA adapters (peft_type='LORA') can be imported."
         )
+    method = _peft_method(config)
+    settings = getattr(method, "peft_settings", {})
     problems = []
     for key, (allowed, what) in _REQUIRED_SETTINGS.items():
+        if key in settings:  # the method's own setting (DoRA's use_dora)
+            continue
         if key in config and config[key] not in allowed:
             problems.append(
                 f"{key}={config[key]!r} ({what}; supported: "
@@ -762,7 +766,7 @@ def _lora_from_config(config, architecture, directory):
                 f"{_target_names(architecture)}."
             )
     try:
-        return _peft_method(peft_type).from_peft_config(config)
+        return method.from_peft_config(config)
     except ValueError as error:
         raise ValueError(
             f"{os.path.join(directory, CONFIG_FILE)!r} has an invalid LoRA "
@@ -770,19 +774,44 @@ def _lora_from_config(config, architecture, directory):
         ) from None
 
 
-def _peft_method(peft_type):
-    """The registered adapter class whose `peft_type` is `peft_type`."""
-    for cls in ADAPTER_METHODS.values():
-        if cls.peft_type is not None and cls.peft_type == peft_type:
-            return cls
-    raise ValueError(f"No adapter method imports peft_type={peft_type!r}.")
+def _peft_method(config):
+    """The registered adapter class a PEFT config describes.
+
+    Of the classes with the config's `peft_type`, those whose `peft_settings`
+    (class attribute, default `{}`; DoRA's is `{"use_dora": True}`) the
+    config has; the one with the most settings wins (DoRA over LoRA).
+    """
+    peft_type = config.get("peft_type")
+    candidates = [
+        cls
+        for cls in ADAPTER_METHODS.values()
+        if cls.peft_type is not None
+        and cls.peft_type == peft_type
+        and all(
+            config.get(k) == v for k, v in getattr(cls, "peft_settings", {}).items()
+        )
+    ]
+    if not candidates:
+        raise ValueError(f"No adapter method imports peft_type={peft_type!r}.")
+    return max(candidates, key=lambda cls: len(getattr(cls, "peft_settings", {})))
+
+
+def _tensor_suffix(cls, tensor):
+    """What follows a tensor's name in its PEFT key: `.weight`, unless the
+    method's `peft_tensor_suffixes` says otherwise (DoRA's
+    `lora_magnitude_vector` has none)."""
+    return getattr(cls, "peft_tensor_suffixes", {}).get(tensor, ".weight")
 
 
 def _tensor_key(cls):
     """The regex of a PEFT tensor key of method `cls`."""
     names = "|".join(map(re.escape, cls.peft_tensors))
+    suffixes = "|".join(
+        re.escape(s) for s in sorted({_tensor_suffix(cls, n) for n in cls.peft_tensors})
+    )
     return re.compile(
-        re.escape(_KEY_PREFIX) + rf"(?P<module>.+)\.(?P<factor>{names})\.weight"
+        re.escape(_KEY_PREFIX)
+        + rf"(?P<module>.+)\.(?P<factor>{names})(?P<suffix>{suffixes})"
     )
 
 
@@ -798,6 +827,10 @@ def _match_tensors(tensors, architecture, directory, cls):
     unexpected, unsupported, prefixes, factors = [], [], set(), {}
     for key, value in tensors.items():
         match = tensor_key.fullmatch(key)
+        if match is not None and match["suffix"] != _tensor_suffix(
+            cls, match["factor"]
+        ):
+            match = None
         if match is None:
             unexpected.append(key)
             continue
