@@ -269,8 +269,10 @@ def load_peft_adapter(model, path, *, name: str = "default"):
     further, merge it, or save it with `ka.save_adapter_weights` or
     `save_peft_adapter`.
 
-    Supported: LoRA adapters (`peft_type` `"LORA"`) of BERT, Llama and Gemma
-    models on their attention and MLP projections, stored as safetensors.
+    Supported: LoRA adapters (`peft_type` `"LORA"`), and DoRA ones
+    (`use_dora=True`, imported as `ka.DoRA` with PEFT's
+    `lora_magnitude_vector`), of BERT, Llama and Gemma models on their
+    attention and MLP projections, stored as safetensors.
     Every check runs first: an adapter that cannot be imported exactly
     raises and leaves the model unchanged.
 
@@ -286,7 +288,7 @@ def load_peft_adapter(model, path, *, name: str = "default"):
 
     Raises:
         FileNotFoundError: `path` has no `adapter_config.json` or no weights.
-        ValueError: the adapter is not plain LoRA (DoRA, trained biases,
+        ValueError: the adapter is not plain LoRA or DoRA (trained biases,
             `modules_to_save`, per-module ranks, another `peft_type`), it
             adapts modules without a KerasHub counterpart, its shapes do not
             fit the model, the weights are not safetensors, or the model's
@@ -350,7 +352,8 @@ def save_peft_adapter(
     `lora_alpha`, `use_rslora`, `lora_dropout`, `target_modules`, ...) and
     `adapter_model.safetensors` with the tensors PEFT expects
     (`base_model.model.<module>.lora_A.weight` `(r, in)` and
-    `...lora_B.weight` `(out, r)`), so
+    `...lora_B.weight` `(out, r)`; for a `ka.DoRA` adapter also
+    `use_dora: true` and `...lora_magnitude_vector` `(out,)`), so
     `peft.PeftModel.from_pretrained(hf_model, path)` loads it into the
     Hugging Face model the KerasHub model was converted from.
 
