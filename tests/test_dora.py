@@ -289,6 +289,23 @@ def test_dropout_follows_peft():
     )
 
 
+def test_on_top_of_a_lora_adapter_of_the_same_layer():
+    """Named adapters apply in the order they were added: DoRA then
+    decomposes `W + s_l A_l B_l`, the kernel LoRA left."""
+    model, layer, x = build("dense", ka.LoRA(rank=2, alpha=2))
+    ka.enable_adapter(model, ka.DoRA(rank=2, alpha=4), targets="proj", name="dora")
+    randomize(layer)
+    slots = adapter_layers.slots(layer)
+    lora = {k: numpy(v) for k, v in slots["default"].items()}
+    dora = {k: numpy(v) for k, v in slots["dora"].items()}
+    w = numpy(layer._kernel) + lora["lora_a"] @ lora["lora_b"]
+    adapted = reference_matrix(
+        w, dora["lora_a"], dora["lora_b"], dora["lora_magnitude"], s=2.0
+    )
+    expected = x @ adapted + bias_of(layer)
+    np.testing.assert_allclose(numpy(model(x)), expected, rtol=1e-5, atol=1e-5)
+
+
 # Construction and errors.
 
 
