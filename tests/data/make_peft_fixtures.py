@@ -6,9 +6,10 @@ safetensors (not the Keras one), and commit the output:
     python tests/data/make_peft_fixtures.py
     python tests/data/make_peft_fixtures.py --dora   # only the DoRA fixtures
 
-`--dora` writes the DoRA adapters (`bert_dora/`, `gemma_dora/`) on the
-existing base checkpoints, their PyTorch outputs (`outputs_dora.npz`) and
-versions (`versions_dora.json`), and leaves every other file as it is.
+A full run writes everything; `--dora` writes only the DoRA adapters
+(`bert_dora/`, `gemma_dora/`) on the existing base checkpoints, their
+PyTorch outputs (`outputs_dora.npz`) and versions (`versions_dora.json`),
+and leaves every other file as it is.
 
 It writes tiny, randomly initialized Hugging Face checkpoints (BERT, Llama,
 Gemma) that KerasHub's `from_preset` converts, a PEFT LoRA adapter for each
@@ -296,6 +297,7 @@ def dora(token_ids, padding_mask):
     # 1. BertModel: query, value and the attention output (which has a bias,
     # that DoRA does not scale); dropout (inactive in eval mode).
     base = transformers.BertModel.from_pretrained(OUT / "bert").eval()
+    torch.manual_seed(0)  # PEFT's initial factors, from which m starts
     model = _peft_model(
         base,
         r=4,
@@ -315,6 +317,7 @@ def dora(token_ids, padding_mask):
     # 2. GemmaForCausalLM: the four attention projections (the query kernel
     # is (heads, hidden, head_dim) in KerasHub: a transposed 2-D view), rsLoRA.
     base = transformers.GemmaForCausalLM.from_pretrained(OUT / "gemma").eval()
+    torch.manual_seed(0)
     model = _peft_model(
         base,
         r=4,
@@ -388,6 +391,7 @@ def main():
     }
     (OUT / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
     (OUT / "README.md").write_text(README)
+    main_dora()
     for path in sorted(OUT.rglob("*")):
         if path.is_file():
             print(f"{path.relative_to(OUT)}: {path.stat().st_size:,} bytes")
