@@ -184,7 +184,8 @@ class DoRA(LowRankAdapter):
 
         Computed as `sqrt(||W||^2_c + 2 s colsum((A^T W) * B) + s^2
         colsum(B * (A^T A) B))` on the frozen kernel in its own layout: no
-        transpose of the kernel and no `d_in x d_out` temporary.
+        reshaping of the kernel to its 2-D view and no `d_in x d_out`
+        temporary.
         """
         w = ops.cast(kernel.dense(), "float32")
         a = ops.convert_to_tensor(weights["lora_a"])
