@@ -18,6 +18,7 @@ from keras_adapters.adapters import GOFT
 from keras_adapters.adapters import HUT
 from keras_adapters.adapters import QGOFT
 from keras_adapters.adapters import Adapter
+from keras_adapters.adapters import DoRA
 from keras_adapters.adapters import LoRA
 from keras_adapters.adapters import SoftOrthogonality
 from keras_adapters.adapters import register_adapter
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "AdapterReport",
+    "DoRA",
     "FineTuningReport",
     "PerExampleModel",
     "ExportReport",

@@ -269,8 +269,10 @@ def load_peft_adapter(model, path, *, name: str = "default"):
     further, merge it, or save it with `ka.save_adapter_weights` or
     `save_peft_adapter`.
 
-    Supported: LoRA adapters (`peft_type` `"LORA"`) of BERT, Llama and Gemma
-    models on their attention and MLP projections, stored as safetensors.
+    Supported: LoRA adapters (`peft_type` `"LORA"`), and DoRA ones
+    (`use_dora=True`, imported as `ka.DoRA` with PEFT's
+    `lora_magnitude_vector`), of BERT, Llama and Gemma models on their
+    attention and MLP projections, stored as safetensors.
     Every check runs first: an adapter that cannot be imported exactly
     raises and leaves the model unchanged.
 
@@ -286,7 +288,7 @@ def load_peft_adapter(model, path, *, name: str = "default"):
 
     Raises:
         FileNotFoundError: `path` has no `adapter_config.json` or no weights.
-        ValueError: the adapter is not plain LoRA (DoRA, trained biases,
+        ValueError: the adapter is not plain LoRA or DoRA (trained biases,
             `modules_to_save`, another `peft_type`, a base-changing
             `init_lora_weights` such as LoftQ), it
             adapts modules without a KerasHub counterpart, its shapes do not
@@ -352,7 +354,8 @@ def save_peft_adapter(
     `lora_alpha`, `use_rslora`, `lora_dropout`, `target_modules`, ...) and
     `adapter_model.safetensors` with the tensors PEFT expects
     (`base_model.model.<module>.lora_A.weight` `(r, in)` and
-    `...lora_B.weight` `(out, r)`), so
+    `...lora_B.weight` `(out, r)`; for a `ka.DoRA` adapter also
+    `use_dora: true` and `...lora_magnitude_vector` `(out,)`), so
     `peft.PeftModel.from_pretrained(hf_model, path)` loads it into the
     Hugging Face model the KerasHub model was converted from.
 
@@ -467,8 +470,9 @@ def save_peft_adapter(
     for module, slot in modules.items():
         key = f"{_KEY_PREFIX}{module_prefix}{module}"
         # The layer's own configuration (its rank from a rank_pattern).
-        for tensor, value in slot.adapter.to_peft_tensors(slot).items():
-            tensors[f"{key}.{tensor}.weight"] = value
+        adapter = slot.adapter
+        for tensor, value in adapter.to_peft_tensors(slot).items():
+            tensors[f"{key}.{tensor}{_tensor_suffix(type(adapter), tensor)}"] = value
     available = {m for m in map(to_module, _layer_paths(root)) if m is not None}
     rank_pattern, alpha_pattern = _peft_patterns(lora, modules)
     config = {
@@ -477,7 +481,6 @@ def save_peft_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
-        **lora.peft_config(),
         "target_modules": _target_modules(
             architecture, set(modules), available, module_prefix
         ),
@@ -493,6 +496,7 @@ def save_peft_adapter(
         "exclude_modules": None,
         "lora_bias": False,
     }
+    config.update(lora.peft_config())  # the method's own settings win (use_dora)
     _warn_about_other_trained_weights(model, name)
     with _io.atomic_directory(path, overwrite=overwrite) as staging:
         with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -795,8 +799,12 @@ def _lora_from_config(config, architecture, directory):
             f"{directory!r} is a PEFT adapter with peft_type={peft_type!r}; only "
             "LoRA adapters (peft_type='LORA') can be imported."
         )
+    method = _peft_method(config)
+    settings = getattr(method, "peft_settings", {})
     problems = []
     for key, (allowed, what) in _REQUIRED_SETTINGS.items():
+        if key in settings:  # the method's own setting (DoRA's use_dora)
+            continue
         if key in config and config[key] not in allowed:
             problems.append(
                 f"{key}={config[key]!r} ({what}; supported: "
@@ -827,7 +835,7 @@ def _lora_from_config(config, architecture, directory):
                 f"{_target_names(architecture)}."
             )
     try:
-        return _peft_method(peft_type).from_peft_config(config)
+        return method.from_peft_config(config)
     except ValueError as error:
         raise ValueError(
             f"{os.path.join(directory, CONFIG_FILE)!r} has an invalid LoRA "
@@ -835,19 +843,44 @@ def _lora_from_config(config, architecture, directory):
         ) from None
 
 
-def _peft_method(peft_type):
-    """The registered adapter class whose `peft_type` is `peft_type`."""
-    for cls in ADAPTER_METHODS.values():
-        if cls.peft_type is not None and cls.peft_type == peft_type:
-            return cls
-    raise ValueError(f"No adapter method imports peft_type={peft_type!r}.")
+def _peft_method(config):
+    """The registered adapter class a PEFT config describes.
+
+    Of the classes with the config's `peft_type`, those whose `peft_settings`
+    (class attribute, default `{}`; DoRA's is `{"use_dora": True}`) the
+    config has; the one with the most settings wins (DoRA over LoRA).
+    """
+    peft_type = config.get("peft_type")
+    candidates = [
+        cls
+        for cls in ADAPTER_METHODS.values()
+        if cls.peft_type is not None
+        and cls.peft_type == peft_type
+        and all(
+            config.get(k) == v for k, v in getattr(cls, "peft_settings", {}).items()
+        )
+    ]
+    if not candidates:
+        raise ValueError(f"No adapter method imports peft_type={peft_type!r}.")
+    return max(candidates, key=lambda cls: len(getattr(cls, "peft_settings", {})))
+
+
+def _tensor_suffix(cls, tensor):
+    """What follows a tensor's name in its PEFT key: `.weight`, unless the
+    method's `peft_tensor_suffixes` says otherwise (DoRA's
+    `lora_magnitude_vector` has none)."""
+    return getattr(cls, "peft_tensor_suffixes", {}).get(tensor, ".weight")
 
 
 def _tensor_key(cls):
     """The regex of a PEFT tensor key of method `cls`."""
     names = "|".join(map(re.escape, cls.peft_tensors))
+    suffixes = "|".join(
+        re.escape(s) for s in sorted({_tensor_suffix(cls, n) for n in cls.peft_tensors})
+    )
     return re.compile(
-        re.escape(_KEY_PREFIX) + rf"(?P<module>.+)\.(?P<factor>{names})\.weight"
+        re.escape(_KEY_PREFIX)
+        + rf"(?P<module>.+)\.(?P<factor>{names})(?P<suffix>{suffixes})"
     )
 
 
@@ -863,6 +896,10 @@ def _match_tensors(tensors, architecture, directory, cls):
     unexpected, unsupported, prefixes, factors = [], [], set(), {}
     for key, value in tensors.items():
         match = tensor_key.fullmatch(key)
+        if match is not None and match["suffix"] != _tensor_suffix(
+            cls, match["factor"]
+        ):
+            match = None
         if match is None:
             unexpected.append(key)
             continue

@@ -169,15 +169,18 @@ def test_file_round_trip_into_a_fresh_model(adapted):
 
 
 @backend_independent
-def test_hut_takes_patterns_too():
+@pytest.mark.parametrize("method", [ka.HUT, ka.DoRA])
+def test_hut_and_dora_take_patterns_too(method):
     model = CASE.build(0)
     ka.enable_adapter(
         model,
-        ka.HUT(rank=2, rank_pattern={"query": 3}),
+        method(rank=2, rank_pattern={"query": 3}),
         targets=ka.attention("query", "value"),
     )
+    factor = method.factor_names[0]
     shapes = {
-        layer.name: tuple(layer.hut_a.shape) for layer in ka.adapted_layers(model)
+        layer.name: tuple(getattr(layer, factor).shape)
+        for layer in ka.adapted_layers(model)
     }
     assert shapes == {"query": (16, 3), "value": (16, 2)}
 
@@ -201,7 +204,8 @@ def test_combining_pads_the_smaller_ranks(adapted):
 
 
 @backend_independent
-def test_peft_round_trip_carries_the_patterns(tmp_path):
+@pytest.mark.parametrize("method", [ka.LoRA, ka.DoRA])
+def test_peft_round_trip_carries_the_patterns(method, tmp_path):
     def backbone():
         return keras_hub.models.BertBackbone.from_preset(
             os.path.join(PEFT_DATA, "bert")
@@ -213,7 +217,7 @@ def test_peft_round_trip_carries_the_patterns(tmp_path):
         "padding_mask": np.ones((1, 5), "int32"),
     }
     model = backbone()
-    lora = ka.LoRA(
+    lora = method(
         rank=2,
         alpha=4,
         rank_pattern={"value": 4},
@@ -248,3 +252,4 @@ def test_peft_round_trip_carries_the_patterns(tmp_path):
         fresh.hidden_dim,
         4,
     )
+    assert {type(g.adapter) for g in ka.model.adapter_groups(fresh)} == {method}

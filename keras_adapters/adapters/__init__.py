@@ -2,6 +2,7 @@
 
 from keras_adapters.adapters.base import Adapter
 from keras_adapters.adapters.base import register_adapter
+from keras_adapters.adapters.dora import DoRA
 from keras_adapters.adapters.hut import HUT
 from keras_adapters.adapters.lora import LoRA
 from keras_adapters.adapters.qgoft import GOFT
@@ -10,6 +11,7 @@ from keras_adapters.adapters.qgoft import SoftOrthogonality
 
 __all__ = [
     "Adapter",
+    "DoRA",
     "GOFT",
     "HUT",
     "LoRA",

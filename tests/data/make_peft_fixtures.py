@@ -4,6 +4,12 @@ Run once, from a Python environment with torch, transformers, peft and
 safetensors (not the Keras one), and commit the output:
 
     python tests/data/make_peft_fixtures.py
+    python tests/data/make_peft_fixtures.py --dora   # only the DoRA fixtures
+
+A full run writes everything; `--dora` writes only the DoRA adapters
+(`bert_dora/`, `gemma_dora/`) on the existing base checkpoints, their
+PyTorch outputs (`outputs_dora.npz`) and versions (`versions_dora.json`),
+and leaves every other file as it is.
 
 It writes tiny, randomly initialized Hugging Face checkpoints (BERT, Llama,
 Gemma) that KerasHub's `from_preset` converts, a PEFT LoRA adapter for each
@@ -14,6 +20,7 @@ ids and padding mask (`outputs.npz`), and the library versions
 well under 1 MB.
 """
 
+import argparse
 import json
 import pathlib
 import platform
@@ -50,6 +57,18 @@ def _randomize_lora(model, seed):
                 parameter.copy_(
                     torch.randn(parameter.shape, generator=generator) * LORA_STD
                 )
+
+
+def _randomize_dora(model, seed):
+    """Random `lora_A`, `lora_B`, and magnitudes `m = ||W + s B A|| (1 + 0.2 z)`,
+    so that `m / ||V||` is not one and the check sees the magnitude."""
+    _randomize_lora(model, seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            if "lora_magnitude_vector" in name:
+                noise = torch.randn(parameter.shape, generator=generator)
+                parameter.mul_(1.0 + 0.2 * noise)
 
 
 def _linear_modules(model):
@@ -260,7 +279,90 @@ Do not edit by hand: change the script and run it again.
   `pooled_output`) of each base model and each adapter.
 - `linear_modules.json`: the names of every `torch.nn.Linear` of each
   Hugging Face class, to check what an exported `target_modules` selects.
+- `bert_dora/`, `gemma_dora/` (`--dora`): PEFT DoRA (`use_dora=True`) on
+  `BertModel` (`query`, `value`, `attention.output.dense`; r=4, alpha=8,
+  dropout 0.1) and `GemmaForCausalLM` (the four attention projections; r=4,
+  alpha=16, rsLoRA), with random factors and magnitudes;
+  `outputs_dora.npz` holds their PyTorch outputs (same inputs as
+  `outputs.npz`), `versions_dora.json` the library versions.
 """
+
+
+def dora(token_ids, padding_mask):
+    """DoRA adapters on the existing `bert` and `gemma` checkpoints."""
+    outputs = {}
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    mask = torch.tensor(padding_mask, dtype=torch.long)
+
+    # 1. BertModel: query, value and the attention output (which has a bias,
+    # that DoRA does not scale); dropout (inactive in eval mode).
+    base = transformers.BertModel.from_pretrained(OUT / "bert").eval()
+    torch.manual_seed(0)  # PEFT's initial factors, from which m starts
+    model = _peft_model(
+        base,
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        use_dora=True,
+        target_modules=["query", "value", "attention.output.dense"],
+        task_type="FEATURE_EXTRACTION",
+    )
+    _randomize_dora(model, seed=4)
+    with torch.no_grad():
+        result = model(input_ids=ids, attention_mask=mask)
+    outputs["bert_dora/sequence_output"] = result.last_hidden_state.numpy()
+    outputs["bert_dora/pooled_output"] = result.pooler_output.numpy()
+    _save_adapter(model, OUT / "bert_dora", "bert")
+
+    # 2. GemmaForCausalLM: the four attention projections (the query kernel
+    # is (heads, hidden, head_dim) in KerasHub: a transposed 2-D view), rsLoRA.
+    base = transformers.GemmaForCausalLM.from_pretrained(OUT / "gemma").eval()
+    torch.manual_seed(0)
+    model = _peft_model(
+        base,
+        r=4,
+        lora_alpha=16,
+        use_rslora=True,
+        use_dora=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        task_type="CAUSAL_LM",
+    )
+    _randomize_dora(model, seed=5)
+    with torch.no_grad():
+        result = model.base_model.model.model(input_ids=ids, attention_mask=mask)
+    outputs["gemma_dora/sequence_output"] = result.last_hidden_state.numpy()
+    _save_adapter(model, OUT / "gemma_dora", "gemma")
+    return outputs
+
+
+def _versions():
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": np.__version__,
+        "generated_by": "tests/data/make_peft_fixtures.py",
+    }
+
+
+def main_dora():
+    """Writes only the DoRA fixtures; the others stay as they are."""
+    torch.set_num_threads(1)
+    stored = np.load(OUT / "outputs.npz")
+    token_ids, padding_mask = stored["token_ids"], stored["padding_mask"]
+    for name in ("bert_dora", "gemma_dora"):
+        if (OUT / name).exists():
+            shutil.rmtree(OUT / name)
+    outputs = dora(token_ids, padding_mask)
+    np.savez_compressed(OUT / "outputs_dora.npz", **outputs)
+    versions = {**_versions(), "generated_by": "make_peft_fixtures.py --dora"}
+    (OUT / "versions_dora.json").write_text(json.dumps(versions, indent=2) + "\n")
+    (OUT / "README.md").write_text(README)
+    for path in sorted(OUT.rglob("*dora*")):
+        if path.is_file():
+            print(f"{path.relative_to(OUT)}: {path.stat().st_size:,} bytes")
 
 
 def main():
@@ -289,10 +391,18 @@ def main():
     }
     (OUT / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
     (OUT / "README.md").write_text(README)
+    main_dora()
     for path in sorted(OUT.rglob("*")):
         if path.is_file():
             print(f"{path.relative_to(OUT)}: {path.stat().st_size:,} bytes")
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--dora", action="store_true", help="write only the DoRA fixtures"
+    )
+    if parser.parse_args().dora:
+        main_dora()
+    else:
+        main()
