@@ -48,6 +48,17 @@ def _factor_role_names(role_name):
     }
 
 
+def _known_role_names():
+    """Attention roles, and the factor roles and variable names the
+    registered adapter methods declare (`roles`, `variable_axes`,
+    `factor_names`)."""
+    names = list(roles.ATTENTION_ROLES)
+    for cls in ADAPTER_METHODS.values():
+        names += [*cls.roles, *cls.roles.values(), *cls.variable_axes]
+        names += list(getattr(cls, "factor_names", ()))
+    return list(dict.fromkeys(names))
+
+
 class Role:
     """A rule: the variables of an attention role or adapter variable name.
 
@@ -55,11 +66,14 @@ class Role:
     """
 
     def __init__(self, name):
-        if not isinstance(name, str) or not name.isidentifier():
+        known = _known_role_names()
+        if not isinstance(name, str) or name not in known:
             raise ValueError(
                 "`role` takes an attention role "
-                f"{list(roles.ATTENTION_ROLES)} or an adapter variable "
-                f"name such as 'lora_a' or 'lora_b'; received {name!r}."
+                f"{list(roles.ATTENTION_ROLES)}, a factor role or an adapter "
+                "variable name of a registered adapter method "
+                f"{sorted(set(known) - set(roles.ATTENTION_ROLES))}; received "
+                f"{name!r}."
             )
         self.name = name
 
