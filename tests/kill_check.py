@@ -17,12 +17,22 @@ or 2) first. KIND is
 Importing TensorFlow, Keras and KerasHub takes seconds, so this process
 imports them once and forks per round: the forked process has them imported
 and initializes the backend itself (nothing runs on a backend before the
-fork). `quit` ends it.
+fork).
+
+    train BACKUP OUT KILL_EPOCH KILL_STEP
+
+forks a process that trains that model (`train`) with
+`keras.callbacks.BackupAndRestore(BACKUP)` (BACKUP `-`: without), and kills
+itself with SIGKILL after step KILL_STEP of epoch KILL_EPOCH (both
+zero-based; `-1`: no kill), printing `killing` just before; or, if it
+completes, writes the trained variables and the optimizer's to OUT (`.npz`)
+and prints `trained`. `quit` ends it.
 """
 
 import os
 import signal
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -69,16 +79,18 @@ def save(model, kind, path):
         raise ValueError(f"unknown kind {kind!r}")
 
 
-def loop(kind, path, version):
+def _share_compilation_cache():
     if keras.backend.backend() == "jax":
         import jax
 
         jax.config.update(
             "jax_compilation_cache_dir",
-            os.path.join(
-                __import__("tempfile").gettempdir(), "keras_adapters_tests_jax_cache"
-            ),
+            os.path.join(tempfile.gettempdir(), "keras_adapters_tests_jax_cache"),
         )
+
+
+def loop(kind, path, version):
+    _share_compilation_cache()
     model = build()
     while True:
         set_version(model, version)
@@ -86,6 +98,56 @@ def loop(kind, path, version):
         save(model, kind, path)
         print(f"saved {version}", flush=True)
         version = 3 - version
+
+
+EPOCHS = 3
+BATCH_SIZE = 4  # 4 steps per epoch
+
+
+class _KillAfter(keras.callbacks.Callback):
+    """SIGKILLs this process after step `step` of epoch `epoch`."""
+
+    def __init__(self, epoch, step):
+        super().__init__()
+        self.kill_epoch, self.kill_step = epoch, step
+        self.epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == (self.kill_epoch, self.kill_step):
+            print("killing", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train(backup, out, kill_epoch, kill_step):
+    """Trains the adapter (Adam, `jit_compile=True`, no shuffling)."""
+    _share_compilation_cache()
+    model = build()
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2), loss=CASE.loss, jit_compile=True
+    )
+    callbacks = []
+    if backup != "-":
+        callbacks.append(
+            keras.callbacks.BackupAndRestore(backup, double_checkpoint=True)
+        )
+    if kill_epoch >= 0:
+        callbacks.append(_KillAfter(kill_epoch, kill_step))
+    model.fit(
+        CASE.x,
+        CASE.y,
+        batch_size=BATCH_SIZE,
+        epochs=EPOCHS,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
+    arrays = {f"model/{v.path}": v for v in model.trainable_weights}
+    arrays.update({f"optimizer/{v.path}": v for v in model.optimizer.variables})
+    np.savez(out, **{k: keras.ops.convert_to_numpy(v) for k, v in arrays.items()})
+    print("trained", flush=True)
 
 
 def main():
@@ -97,14 +159,19 @@ def main():
         command = line.split()
         if command == ["quit"]:
             return
-        _, kind, path, version = command
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            code = 1
             try:
-                loop(kind, path, int(version))
+                if command[0] == "save":
+                    loop(command[1], command[2], int(command[3]))
+                else:
+                    train(command[1], command[2], int(command[3]), int(command[4]))
+                    code = 0
             finally:
-                os._exit(1)
+                sys.stdout.flush()
+                os._exit(code)
         print(f"pid {pid}", flush=True)
 
 

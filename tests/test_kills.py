@@ -14,6 +14,7 @@ files of the killed saves are removed).
 `KERAS_ADAPTERS_KILLS` sets the number of kills per kind (5 by default).
 """
 
+import json
 import os
 import select
 import signal
@@ -195,3 +196,49 @@ def test_a_killed_save_leaves_the_old_or_the_new_artifact(kind, child, model, tm
     kill_check.save(model, kind, path)
     assert os.listdir(tmp_path) == [ARTIFACTS[kind]], leftovers
     assert _load(kind, path, model) == 1
+
+
+def _wait_until_gone(pid, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} is still running")
+
+
+def _train(child, backup, out, kill_epoch=-1, kill_step=-1):
+    child.send(f"train {backup} {out} {kill_epoch} {kill_step}")
+    pid = int(child.expect("pid ").split()[1])
+    if kill_epoch >= 0:
+        child.expect("killing")
+        _wait_until_gone(pid)
+        assert not os.path.exists(out)
+    else:
+        child.expect("trained")
+    return pid
+
+
+def test_training_killed_mid_epoch_resumes_to_the_same_adapter(child, tmp_path):
+    """`BackupAndRestore` (backups at epoch ends): killed in the middle of
+    epoch 2 of 3, a new process resumes from the end of epoch 1 and ends
+    with the adapter and optimizer state of an uninterrupted run."""
+    backup = str(tmp_path / "backup")
+    _train(child, "-", tmp_path / "uninterrupted.npz")
+    _train(child, backup, tmp_path / "killed.npz", kill_epoch=1, kill_step=1)
+    # The backup of epoch 1: the resumed run trains epochs 2 and 3 only, so
+    # it matches only if the weights and Adam's moments were restored.
+    with open(os.path.join(backup, "training_metadata.json")) as f:
+        assert json.load(f)["epoch"] == 1
+    _train(child, backup, tmp_path / "resumed.npz")
+    want = np.load(tmp_path / "uninterrupted.npz")
+    got = np.load(tmp_path / "resumed.npz")
+    assert sorted(got) == sorted(want)
+    assert any("lora_b" in k for k in got) and any("optimizer/" in k for k in got)
+    for key in want:
+        # The same compiled steps on the same values: equal to float32
+        # rounding (measured: bit for bit).
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7)
+    assert not os.path.exists(backup)  # removed at the end of a completed fit
