@@ -109,8 +109,10 @@ def role(name: str) -> Role:
     projection, or the kernel and bias of a projection fine-tuned in full
     (`ka.attention_full`). A factor role that adapter methods declare in
     `Adapter.roles` selects those variables of every method: `role("B")` is
-    every `B` factor (LoRA's `lora_b`), `role("A")` every `A`. Any other name
-    selects adapter variables by name: `role("lora_b")`, `role("hut_a")`.
+    every `B` factor (LoRA's `lora_b`), `role("A")` every `A`. A variable
+    name a registered adapter method declares (`Adapter.variable_axes`,
+    `factor_names` or `roles`) selects those variables by name:
+    `role("lora_b")`, `role("hut_a")`.
 
     Args:
         name: an attention role (`"query"`, `"key"`, `"value"`,
@@ -119,6 +121,11 @@ def role(name: str) -> Role:
 
     Returns:
         A rule for `ka.optimizers.lr_multipliers`.
+
+    Raises:
+        ValueError: for any other name (the message lists the known ones),
+            so that a typo fails here rather than when the optimizer is
+            built.
 
     Example:
 
