@@ -71,7 +71,7 @@ def _files_state(root):
 MODELS_OF_WORLD = ("plain", "adapted", "other", "bert")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class World:
     """The models and files every case may touch and must leave unchanged."""
 
@@ -201,10 +201,6 @@ def bad(call, *needles, error=ValueError):
 
 def _unbuilt():
     return keras.Sequential([keras.layers.Dense(3)])
-
-
-def _layout_map():
-    return keras.distribution.LayoutMap(keras.distribution.DeviceMesh((1,), ["batch"]))
 
 
 CASES = {
@@ -928,6 +924,52 @@ CASES = {
         "`layout_map`",
         "LayoutMap",
         "{'x': None}",
+    ),
+    "mesh axes of a kernel given as a str": bad(
+        lambda w: ka.distribution.view_mesh_axes("model", w.plain.get_layer("hidden")),
+        "`kernel_axes`",
+        "one mesh axis name or None per kernel axis",
+        "'model'",
+    ),
+    "mesh axes of the wrong length": bad(
+        lambda w: ka.distribution.view_mesh_axes(
+            ("model",), w.plain.get_layer("hidden")
+        ),
+        "('model',)",
+        "(12, 16)",
+    ),
+    "mesh axes of a view given as a str": bad(
+        lambda w: ka.distribution.view_mesh_axes((None, "model"), "hidden"),
+        "`view`",
+        "Dense/EinsumDense",
+        "'hidden'",
+    ),
+    "mesh axes of an unbuilt layer": bad(
+        lambda w: ka.distribution.view_mesh_axes(
+            (None, "model"), keras.layers.Dense(4)
+        ),
+        "not built",
+    ),
+    "variable axes given as a str": bad(
+        lambda w: ka.distribution.adapter_variable_axes(
+            (None, "model"), w.plain.get_layer("hidden"), "in"
+        ),
+        "`variable_axes`",
+        "'in', 'out' or None",
+        "'in'",
+    ),
+    "variable axes with an unknown entry": bad(
+        lambda w: ka.distribution.adapter_variable_axes(
+            (None, "model"), w.plain.get_layer("hidden"), ("in", "sideways")
+        ),
+        "'in', 'out' or None",
+        "('in', 'sideways')",
+    ),
+    "kernel-derived layout of None": bad(
+        lambda w: ka.distribution.KernelDerivedLayout(None),
+        "`kernel_layout`",
+        "TensorLayout",
+        "None",
     ),
     "layout map None": bad(
         lambda w: ka.distribution.adapter_layout_map(None), "LayoutMap", "None"
