@@ -151,8 +151,7 @@ def train(backup, out, kill_epoch, kill_step):
 
 
 def main():
-    # Killed children are reaped at once: a zombie would count as a live
-    # process, whose temporary files the next save must keep.
+    # Killed children are reaped at once (no zombies pile up).
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     print("ready", flush=True)
     for line in sys.stdin:
