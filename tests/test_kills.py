@@ -33,6 +33,9 @@ HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
 import kill_check  # noqa: E402
 
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "fork"), reason="POSIX processes and signals"
+)
 KILLS = int(os.environ.get("KERAS_ADAPTERS_KILLS", "5"))
 TIMEOUT = 600  # seconds for one line of the child (imports on a busy machine)
 ARTIFACTS = {

@@ -21,6 +21,9 @@ import keras
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "fork"), reason="POSIX processes and signals"
+)
 HERE = os.path.dirname(__file__)
 SCRIPT = os.path.join(HERE, "multiprocess_check.py")
 BACKEND = keras.backend.backend()
