@@ -77,7 +77,17 @@ def _process_is_running(pid):
         return True
     except OSError:  # e.g. Windows: cannot tell, so keep the leftover
         return True
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid):
+    """Whether `pid` has exited but not been reaped by its parent (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # "pid (command) state ...": the command may hold spaces or ")".
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _remove(path):

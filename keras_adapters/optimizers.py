@@ -48,6 +48,17 @@ def _factor_role_names(role_name):
     }
 
 
+def _known_role_names():
+    """Attention roles, and the factor roles and variable names the
+    registered adapter methods declare (`roles`, `variable_axes`,
+    `factor_names`)."""
+    names = list(roles.ATTENTION_ROLES)
+    for cls in ADAPTER_METHODS.values():
+        names += [*cls.roles, *cls.roles.values(), *cls.variable_axes]
+        names += list(getattr(cls, "factor_names", ()))
+    return list(dict.fromkeys(names))
+
+
 class Role:
     """A rule: the variables of an attention role or adapter variable name.
 
@@ -55,11 +66,14 @@ class Role:
     """
 
     def __init__(self, name):
-        if not isinstance(name, str) or not name.isidentifier():
+        known = _known_role_names()
+        if not isinstance(name, str) or name not in known:
             raise ValueError(
                 "`role` takes an attention role "
-                f"{list(roles.ATTENTION_ROLES)} or an adapter variable "
-                f"name such as 'lora_a' or 'lora_b'; received {name!r}."
+                f"{list(roles.ATTENTION_ROLES)}, a factor role or an adapter "
+                "variable name of a registered adapter method "
+                f"{sorted(set(known) - set(roles.ATTENTION_ROLES))}; received "
+                f"{name!r}."
             )
         self.name = name
 
@@ -95,8 +109,10 @@ def role(name: str) -> Role:
     projection, or the kernel and bias of a projection fine-tuned in full
     (`ka.attention_full`). A factor role that adapter methods declare in
     `Adapter.roles` selects those variables of every method: `role("B")` is
-    every `B` factor (LoRA's `lora_b`), `role("A")` every `A`. Any other name
-    selects adapter variables by name: `role("lora_b")`, `role("hut_a")`.
+    every `B` factor (LoRA's `lora_b`), `role("A")` every `A`. A variable
+    name a registered adapter method declares (`Adapter.variable_axes`,
+    `factor_names` or `roles`) selects those variables by name:
+    `role("lora_b")`, `role("hut_a")`.
 
     Args:
         name: an attention role (`"query"`, `"key"`, `"value"`,
@@ -105,6 +121,11 @@ def role(name: str) -> Role:
 
     Returns:
         A rule for `ka.optimizers.lr_multipliers`.
+
+    Raises:
+        ValueError: for any other name (the message lists the known ones),
+            so that a typo fails here rather than when the optimizer is
+            built.
 
     Example:
 

@@ -14,6 +14,8 @@ A target is any of:
 import re
 from collections.abc import Callable
 
+import keras
+
 from keras_adapters import _keras_internals as internals
 from keras_adapters.kernels import SUPPORTED_LAYERS
 from keras_adapters.roles import ATTENTION_ROLES
@@ -122,6 +124,14 @@ def _matchers(targets):
         return [(targets.describe(), targets.matches)]
     if isinstance(targets, str):
         return [(repr(targets), _string_matcher(targets))]
+    if isinstance(targets, keras.layers.Layer):
+        # A layer is callable, but calling it on candidate layers fails deep
+        # inside Keras.
+        raise ValueError(
+            f"Invalid target: the layer object {targets!r}; pass its name "
+            f"({targets.name!r}) or a regex on its path, or a callable "
+            "layer -> bool."
+        )
     if isinstance(targets, Callable):
         name = getattr(targets, "__name__", repr(targets))
         return [(f"callable {name}", lambda layer, parent: bool(targets(layer)))]

@@ -104,6 +104,25 @@ def test_temporary_names_and_stale_temporaries(tmp_path):
     assert (tmp_path / "m.keras").read_text() == "model"
 
 
+def test_temporaries_of_a_killed_unreaped_process_are_stale(tmp_path):
+    # A process killed while its parent runs on without reaping it stays a
+    # zombie: its id still answers kill(pid, 0), but it writes no more.
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        process.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not _io._is_zombie(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _io._is_zombie(process.pid)
+        stale = tmp_path / f".a.h5.tmp-{process.pid}-0123abcd"
+        stale.write_text("left by a killed save")
+        _write(tmp_path / "a.h5", "new")
+        assert os.listdir(tmp_path) == ["a.h5"]
+    finally:
+        process.wait()
+    assert not _io._is_zombie(os.getpid())
+
+
 def test_atomic_file_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="`path` must be a str"):
         with _io.atomic_file(3):
