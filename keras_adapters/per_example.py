@@ -379,6 +379,15 @@ class _Dispatch:
         b = ops.take(ops.stack(b_rows), self.index, axis=0)  # (batch, r, d_out)
         x = ops.cast(inputs, "float32")
         rates = [0.0] + [float(f.get("dropout", 0)) if f else 0.0 for f in factors]
+        for name, f in zip(self.names, factors, strict=True):
+            if training and f and f.get("dropout") and "output_scale" in f:
+                raise ValueError(
+                    f"Per-example training of adapter {name!r} "
+                    f"({type(slots[name].adapter).__name__}) with dropout="
+                    f"{f['dropout']} is not supported on layer '{kernel.path}': "
+                    "its dropout does not commute with its output scale. Train "
+                    "it alone, or with dropout=0.0; inference is exact."
+                )
         if training and any(rates):
             x = self._dropout(x, rates)
         hidden = kernel.contract_inputs_per_example(x, a)

@@ -206,6 +206,30 @@ def test_pissa_and_rank_pattern_adapters_per_example(tmp_path):
         np.testing.assert_array_equal(old, _numpy(new))
 
 
+def test_dora_per_example_equals_dora_alone_and_refuses_training_dropout():
+    case = MODELS["functional"]
+    model = case.build(0)
+    ka.enable_adapter(model, ka.LoRA(rank=2), targets=case.targets, name="l")
+    ka.enable_adapter(
+        model, ka.DoRA(rank=2, dropout=0.1), targets=case.targets, name="d"
+    )
+    _randomize(model)
+    references = {
+        n: _alone(model, case.x, names)
+        for n, names in [(-1, []), (0, ["l"]), (1, ["d"])]
+    }
+    assert _relative(references[1], references[-1]) > 1e-2
+    ids = (np.arange(16) % 3 - 1).astype("int32")
+    serving = ka.per_example_adapters(model, ["l", "d"])
+    serving.compile(jit_compile=True)
+    inputs = {"features": case.x, "adapter_id": ids}
+    assert _relative(_numpy(serving(inputs)), _expected(references, ids)) <= 1e-5
+    compiled = _numpy(serving.predict_on_batch(inputs))
+    assert _relative(compiled, _expected(references, ids)) <= 1e-5
+    with pytest.raises(ValueError, match=r"adapter 'd' \(DoRA\) with dropout=0.1"):
+        serving(inputs, training=True)
+
+
 def test_a_model_without_symbolic_inputs_takes_inputs():
     case = MODELS["subclassed"]
     model = case.build(0)

@@ -262,6 +262,17 @@ class DoRA(LowRankAdapter):
         result = ops.cast(outputs, "float32") + (combined - base_dropped)
         return ops.cast(result, outputs.dtype)
 
+    def per_example_factors(self, weights, kernel):
+        # `(x W + s (x A) B) * m / ||V||_c`: the LoRA factors and DoRA's
+        # magnitude scale. Per-example training refuses DoRA's dropout, whose
+        # formula projects the dropped inputs through `W` a second time.
+        return {
+            "a": weights["lora_a"],
+            "b": ops.multiply(weights["lora_b"], self.scale),
+            "output_scale": self.magnitude_scale(weights, kernel),
+            "dropout": self.dropout,
+        }
+
     def reference_matrix(self, values, matrix):
         direction = matrix + self.scale * values["lora_a"] @ values["lora_b"]
         norms = np.linalg.norm(direction, axis=0)
