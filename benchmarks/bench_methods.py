@@ -10,8 +10,9 @@ them all alike and the ratios stay meaningful.
 
 Methods: full fine-tuning; Keras' built-in `backbone.enable_lora(8)`
 (query and value, its default); and keras_adapters' LoRA r=8, HUT r=8 (the
-same parameter count as LoRA), DoRA r=8, GOFT and qGOFT, each on query and
-value.
+same parameter count as LoRA), LoRA r=8 with PiSSA's start (its kept initial
+factors cost two more rank-8 products per call), DoRA r=8, GOFT and qGOFT,
+each on query and value.
 
 Usage:
 
@@ -64,6 +65,7 @@ METHODS = {
     "keras_lora": _keras_lora,
     "lora": _adapter(ka.LoRA(rank=8, alpha=16)),
     "hut": _adapter(ka.HUT(rank=8, alpha=16)),
+    "pissa": _adapter(ka.LoRA(rank=8, alpha=16, init="pissa")),
     "dora": _adapter(ka.DoRA(rank=8, alpha=16)),
     "goft": _adapter(ka.GOFT()),
     "qgoft": _adapter(ka.QGOFT(orthogonality=1e-3)),
@@ -73,6 +75,7 @@ DESCRIPTIONS = {
     "keras_lora": "Keras backbone.enable_lora(8)",
     "lora": "ka.LoRA(rank=8), query+value",
     "hut": "ka.HUT(rank=8), query+value",
+    "pissa": "ka.LoRA(rank=8, init='pissa'), query+value",
     "dora": "ka.DoRA(rank=8), query+value",
     "goft": "ka.GOFT(), query+value",
     "qgoft": "ka.QGOFT(1e-3), query+value",

@@ -663,10 +663,11 @@ CASES = {
         "rank_0/adapter_config.json",
         "`r` must be a positive int; received 0",
     ),
-    "PEFT DoRA": bad(
+    # DoRA is supported: a DoRA config without its magnitude vectors is not.
+    "PEFT DoRA without magnitudes": bad(
         lambda w: interop.load_peft_adapter(w.bert, w.path("peft", "dora")),
-        "use_dora=True",
-        "supported",
+        "lacks lora_A or lora_B or lora_magnitude_vector",
+        "encoder.layer.0.attention.self.query",
     ),
     "PEFT trained biases": bad(
         lambda w: interop.load_peft_adapter(w.bert, w.path("peft", "bias")),
@@ -677,9 +678,12 @@ CASES = {
         lambda w: interop.load_peft_adapter(w.bert, w.path("peft", "saved_modules")),
         "modules_to_save=['pooler']",
     ),
-    "PEFT rank_pattern": bad(
+    # Patterns are supported: one whose ranks the tensors do not have is not.
+    "PEFT rank_pattern that the tensors do not follow": bad(
         lambda w: interop.load_peft_adapter(w.bert, w.path("peft", "rank_pattern")),
-        "rank_pattern={'query': 2}",
+        "encoder.layer.0.attention.self.query: lora_A (4, 32)",
+        "but r=2",
+        "need (2, 32)",
     ),
     "PEFT unknown target module": bad(
         lambda w: interop.load_peft_adapter(w.bert, w.path("peft", "targets")),
