@@ -142,5 +142,5 @@ def test_config_round_trip_and_registry():
     )
     assert lora.scale == pytest.approx(8 / 2)
     assert ka.LoRA(rank=4).scale == 1.0
-    with pytest.raises(ValueError, match="Unknown adapter method 'dora'"):
-        Adapter.deserialize({"method": "dora", "config": {}})
+    with pytest.raises(ValueError, match="Unknown adapter method 'vera'"):
+        Adapter.deserialize({"method": "vera", "config": {}})

@@ -250,7 +250,9 @@ def test_refusals_name_the_problem():
     ka.enable_adapter(model, ka.LoRA(rank=2), targets="hidden", name="a")
     ka.enable_adapter(model, ka.HUT(rank=2), targets="hidden", name="hut")
     ka.enable_adapter(model, _LoRAWithoutHook(rank=2), targets="hidden", name="sub")
-    with pytest.raises(ValueError, match=r"'hut'.*HUT \(method 'hut'\).*\['lora'\]"):
+    with pytest.raises(
+        ValueError, match=r"'hut'.*HUT \(method 'hut'\).*\['dora', 'lora'\]"
+    ):
         ka.per_example_adapters(model, ["a", "hut"])
     # A subclass that may change the math must define the hook itself.
     with pytest.raises(ValueError, match=r"'lora_without_hook_test'.*support"):
