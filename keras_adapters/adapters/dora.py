@@ -140,9 +140,13 @@ class DoRA(LowRankAdapter):
 
     def get_config(self):
         return {
-            **super().get_config(),
+            "rank": self.rank,
+            "alpha": self.alpha,
             "use_rslora": self.use_rslora,
             "dropout": self.dropout,
+            "a_initializer": self.a_initializer,
+            "b_initializer": self.b_initializer,
+            **self._pattern_config(),
         }
 
     # Building.
