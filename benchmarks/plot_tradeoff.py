@@ -38,6 +38,7 @@ LABELS = {
     "goft": "ka.GOFT",
     "qgoft": "ka.QGOFT",
     "dora": "ka.DoRA",
+    "pissa": "ka.LoRA(8, pissa)",
 }
 COLORS = {
     "full": "tab:gray",
@@ -47,6 +48,7 @@ COLORS = {
     "goft": "tab:purple",
     "qgoft": "tab:red",
     "dora": "tab:brown",
+    "pissa": "tab:cyan",
 }
 MARKERS = {"jax": "o", "tensorflow": "s"}
 
@@ -100,6 +102,7 @@ def plot(runs, accuracy=None, out=OUT):
         offset, align = {
             "hut": ((8, 6), "left"),
             "lora": ((8, -14), "left"),
+            "pissa": ((-8, -4), "right"),
             "full": ((-8, 4), "right"),
         }.get(method, ((8, 4), "left"))
         ax.annotate(
