@@ -16,7 +16,11 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
+import single_layer
 from _fixtures import backend_independent
+from single_layer import LAYOUTS
+from single_layer import from_matrix
+from single_layer import to_matrix
 
 import keras_adapters as ka
 from keras_adapters import interop
@@ -26,35 +30,11 @@ BACKEND = keras.backend.backend()
 RNG = np.random.default_rng(11)
 DATA = os.path.join(os.path.dirname(__file__), "data", "peft")
 
-# name -> (equation or None for Dense, input shape, output shape).
-LAYOUTS = {
-    "dense": (None, (6,), (5,)),
-    # Gemma's query layout: the kernel is (heads, hidden, head_dim), so its
-    # 2-D (hidden, heads * head_dim) view needs a transpose.
-    "gemma": ("btd,ndh->btnh", (3, 6), (2, 4)),
-    # KerasHub BERT's query layout, with a bias.
-    "bert": ("abc,cde->abde", (3, 6), (2, 4)),
-}
-
 
 def build(layout, adapter=None, seed=0):
-    """A one-layer model (random kernel and bias), inputs, and the layer."""
-    keras.utils.set_random_seed(seed)
-    equation, input_shape, output_shape = LAYOUTS[layout]
-    inputs = keras.Input(input_shape)
-    if equation is None:
-        layer = keras.layers.Dense(output_shape[0], name="proj")
-    else:
-        layer = keras.layers.EinsumDense(
-            equation,
-            output_shape=(None,) + output_shape,
-            bias_axes="de" if layout == "bert" else None,
-            name="proj",
-        )
-    model = keras.Model(inputs, layer(inputs))
-    for variable in layer.weights:
-        variable.assign(RNG.normal(size=variable.shape).astype("float32"))
-    x = RNG.normal(size=(4,) + input_shape).astype("float32")
+    """A one-layer model (random kernel and bias), inputs, and the layer,
+    with `adapter` on it if given (`single_layer.build`)."""
+    model, layer, x = single_layer.build(layout, seed)
     if adapter is not None:
         ka.enable_adapter(model, adapter, targets="proj")
     return model, layer, x
@@ -62,20 +42,6 @@ def build(layout, adapter=None, seed=0):
 
 def numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x), "float64")
-
-
-def to_matrix(layout, kernel):
-    kernel = np.asarray(kernel, "float64")
-    if layout == "gemma":  # (n, d, h) -> (d, n * h)
-        return kernel.transpose(1, 0, 2).reshape(kernel.shape[1], -1)
-    return kernel.reshape(kernel.shape[0], -1)
-
-
-def from_matrix(layout, matrix, kernel_shape):
-    if layout == "gemma":
-        n, d, h = kernel_shape
-        return matrix.reshape(d, n, h).transpose(1, 0, 2)
-    return matrix.reshape(kernel_shape)
 
 
 def project(layout, x, kernel):
