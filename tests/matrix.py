@@ -456,10 +456,19 @@ class PrecisionMatrix:
         # float16 with loss scaling, the stricter of the two mixed policies;
         # mixed_bfloat16 is checked with LoRA (test_precision_and_data.py) and
         # on an int8 base (test_quantized.py).
+        # The functional model's Dense and EinsumDense projections: the
+        # adapter's dtype handling, without a transformer's compile time
+        # (KerasHub models train under mixed precision in
+        # test_precision_and_data.py and test_quantized.py).
         dtype_policy("mixed_float16")
-        case = MODELS["bert"]
+        case = MODELS["functional"]
         model = case.build(0)
-        ka.enable_adapter(model, example(method), targets=case.targets)
+        ka.enable_adapter(
+            model,
+            example(method),
+            targets=case.targets,
+            keep_trainable=case.keep_trainable,
+        )
         assert all(v.dtype == "float32" for v in ka.adapter_variables(model))
         adapted = ka.adapted_layers(model)
         kernel_dtypes = [layer._kernel.dtype for layer in adapted]
