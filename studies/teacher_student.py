@@ -11,24 +11,29 @@ Setup (ours, stated; the paper's exact parameterization was not available):
   readout `a_j = +-1/sqrt(k)` fixed, base `W` (`d x k`) with orthonormal
   columns; teacher `W* = W + u c^T`, `u` a random unit vector, `c` with
   `||u c^T||_F = ||W||_F` (comparable norms).
-- `sigma = He_3 / sqrt(6) = (z^3 - 3 z) / sqrt(6)`: information exponent 3
-  (the first nonzero Hermite coefficient is the third).
-- Students, trained by online SGD (one fresh sample per step, per seed) on
-  `0.5 (f - y)^2`:
+- `sigma(z) = (|z| - sqrt(2/pi)) / sqrt(1 - 2/pi)`: ReLU minus its linear
+  part (`relu(z) - z/2 = |z|/2`), centred and scaled to variance 1; an even
+  function, so its first Hermite coefficient is 0: information exponent 2.
+- Students, trained by online SGD on `0.5 (f - y)^2`, fresh Gaussian samples
+  in mini-batches of `max(2, d / 32)` (the step is `eta` times the summed
+  per-sample gradients, so a step moves by `c / 32` of a sample's natural
+  scale at every width; samples, not steps, are counted):
   `lora`: `W + p q^T` (`p` in R^d, `q` in R^k; `p` uniform in
   `+-1/sqrt(d)` as PEFT's default, `q = 0`), `d + k` parameters;
   `scratch`: the whole `W` trained from random orthonormal columns;
   `kernel`: the first layer linearized at the base (`f(W) + <grad_W f(W), D>`,
   `D` trained from 0): the lazy/NTK student.
 - Learning rate `eta = c / d` (the theory's scaling: a sample's gradient has
-  squared norm ~d), `c` tuned per (student, d) from `{0.25, 0.5, 1, 2}` on
-  2 tuning seeds not used for the results (fewest steps to the threshold,
-  then lowest final loss).
-- Measured: test loss on 1,000 fixed Gaussian inputs relative to the base
-  network's (`relative loss`), every `d / 4` steps; the number of samples to
-  reach relative loss 0.05 (`budget` samples = 400 d; runs that do not reach
-  it are reported as censored and left out of the fits).
-- Fitted: `steps = C d^slope` over the seeds (bootstrap over seeds).
+  squared norm ~d), `c` tuned per (student, d) over
+  `{0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2}` on 2 tuning seeds not used for the
+  results (fewest samples to relative loss 0.05, then lowest final loss).
+- Measured: test loss on 500 fixed Gaussian inputs relative to the base
+  network's (`relative loss`), every `d / 2` samples; the samples needed to
+  reach relative loss 0.5, 0.2 and 0.05, within a budget of 200 d (LoRA),
+  400 d (scratch) and 50 d (kernel, which plateaus) samples; runs that do
+  not reach a threshold are counted as censored and left out of the fits.
+- Fitted: `samples = C d^slope` over the widths where every seed reached the
+  threshold (bootstrap over seeds).
 
 Run: `python studies/teacher_student.py [--quick] [--seeds N]`.
 """
@@ -46,11 +51,11 @@ import _harness as harness  # noqa: E402
 HIDDEN = 4
 THRESHOLD = 0.05
 THRESHOLDS = (0.5, 0.2, 0.05)
-RATES = (0.1, 0.2, 0.4, 0.8, 1.6)
+RATES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 # Samples per run, in units of d (the kernel student plateaus early).
-BUDGET = {"lora": 200, "scratch": 400, "kernel": 100}
+BUDGET = {"lora": 200, "scratch": 400, "kernel": 50}
 STUDENTS = ("lora", "scratch", "kernel")
-TEST_SIZE = 1000
+TEST_SIZE = 500
 TUNING_SEEDS = (1000, 1001)
 
 
@@ -100,25 +105,39 @@ def network(x, kernel, readout):
     return np.einsum("snk,sk->sn", sigma(np.einsum("snd,sdk->snk", x, kernel)), readout)
 
 
-def run(student, d, rate, seeds, budget_factor=400, chunk=256):
-    """Online SGD for one student at one width, vectorized over `seeds`.
+def batch_size(d):
+    """Samples per step: `d / 32` (at least 2), so that a step moves the
+    parameters by a small fraction (`eta * batch = c / 32`) at every width."""
+    return max(2, d // 32)
+
+
+def run(student, d, rates, seeds, budget_factor=400, batch=None, chunk=64):
+    """Online SGD for one student at one width, vectorized over lanes.
+
+    Lane `i` trains seed `seeds[i]` with `eta = rates[i] / d` on fresh
+    Gaussian mini-batches of `batch` samples (the update is `eta` times the
+    sum of the per-sample gradients, so one step of `batch` samples is
+    `batch` online-SGD steps with the parameters held fixed).
 
     Returns:
-        `(steps, final_relative_loss, curve)`: `steps` is `(S, 3)`, the
+        `(samples, final_relative_loss, curve)`: `samples` is `(S, 3)`, the
         samples to reach each of `THRESHOLDS` (`nan` where not reached within
         `budget_factor * d` samples); `curve` the relative losses at the
-        checkpoints (every `d // 4` steps), `(S, checkpoints)`.
+        checkpoints (every `d // 2` samples), `(S, checkpoints)`.
     """
+    batch = batch or batch_size(d)
     p = problems(seeds, d)
     s = len(seeds)
     base, readout = p["base"], p["readout"]
     test_y = network(p["test_x"], p["teacher"], readout)
     base_loss = np.mean((network(p["test_x"], base, readout) - test_y) ** 2, axis=1)
     base_pre = np.einsum("snd,sdk->snk", p["test_x"], base)
-    rng = np.random.default_rng([min(seeds), d, 7])
-    eta = rate / d
+    rng = np.random.default_rng([*seeds, d, 7])
+    eta = np.asarray(rates, dtype="float64") / d
     if student == "lora":
-        left = rng.uniform(-1, 1, (s, d)) / math.sqrt(d)
+        left = np.stack([
+            np.random.default_rng([seed, d, 3]).uniform(-1, 1, d) for seed in seeds
+        ]) / math.sqrt(d)
         right = np.zeros((s, HIDDEN))
     elif student == "scratch":
         kernel = p["start"].copy()
@@ -127,68 +146,82 @@ def run(student, d, rate, seeds, budget_factor=400, chunk=256):
 
     def test_loss():
         if student == "lora":
-            pre = base_pre + np.einsum("snd,sd->sn", p["test_x"], left)[..., None] * right[:, None]
-            out = np.einsum("snk,sk->sn", sigma(pre), readout)
+            shift = np.einsum("snd,sd->sn", p["test_x"], left)[..., None] * right[:, None]
+            out = np.einsum("snk,sk->sn", sigma(base_pre + shift), readout)
         elif student == "scratch":
             out = network(p["test_x"], kernel, readout)
         else:
             shift = np.einsum("snd,sdk->snk", p["test_x"], delta)
-            out = np.einsum("snk,sk->sn", sigma(base_pre) + sigma_prime(base_pre) * shift, readout)
+            linear = sigma(base_pre) + sigma_prime(base_pre) * shift
+            out = np.einsum("snk,sk->sn", linear, readout)
         loss = np.mean((out - test_y) ** 2, axis=1) / base_loss
         return np.where(np.isfinite(loss), loss, np.inf)
 
-    every = max(1, d // 4)
+    every = max(batch, d // 2)
     total = budget_factor * d
-    steps = np.full((s, len(THRESHOLDS)), np.nan)
+    samples = np.full((s, len(THRESHOLDS)), np.nan)
     curve = []
     teacher = p["teacher"]
     done = 0
+    step_eta = eta[:, None]
     while done < total:
-        xs = rng.standard_normal((chunk, s, d))
-        ys = np.einsum("tsk,sk->ts", sigma(np.einsum("tsd,sdk->tsk", xs, teacher)), readout)
+        xs = rng.standard_normal((chunk, s, batch, d))
+        pre_t = np.einsum("tsbd,sdk->tsbk", xs, teacher)
+        ys = np.einsum("tsbk,sk->tsb", sigma(pre_t), readout)
         for t in range(chunk):
-            x, y = xs[t], ys[t]
+            x, y = xs[t], ys[t]  # (s, b, d), (s, b)
             if student == "lora":
-                proj = np.einsum("sd,sd->s", x, left)
-                pre = np.einsum("sd,sdk->sk", x, base) + proj[:, None] * right
-                err = np.einsum("sk,sk->s", sigma(pre), readout) - y
-                g = err[:, None] * readout * sigma_prime(pre)  # dL/dpre, (s, k)
-                grad_right = g * proj[:, None]
-                grad_left = np.einsum("sk,sk->s", g, right)[:, None] * x
-                right -= eta * grad_right
-                left -= eta * grad_left
+                proj = np.einsum("sbd,sd->sb", x, left)
+                pre = np.einsum("sbd,sdk->sbk", x, base) + proj[..., None] * right[:, None]
+                err = np.einsum("sbk,sk->sb", sigma(pre), readout) - y
+                g = err[..., None] * readout[:, None] * sigma_prime(pre)  # (s, b, k)
+                grad_right = np.einsum("sbk,sb->sk", g, proj)
+                grad_left = np.einsum("sbk,sk,sbd->sd", g, right, x)
+                right -= step_eta * grad_right
+                left -= step_eta * grad_left
             elif student == "scratch":
-                pre = np.einsum("sd,sdk->sk", x, kernel)
-                err = np.einsum("sk,sk->s", sigma(pre), readout) - y
-                g = err[:, None] * readout * sigma_prime(pre)
-                kernel -= eta * x[:, :, None] * g[:, None, :]
+                pre = np.einsum("sbd,sdk->sbk", x, kernel)
+                err = np.einsum("sbk,sk->sb", sigma(pre), readout) - y
+                g = err[..., None] * readout[:, None] * sigma_prime(pre)
+                kernel -= step_eta[..., None] * np.einsum("sbd,sbk->sdk", x, g)
             else:
-                pre = np.einsum("sd,sdk->sk", x, base)
-                shift = np.einsum("sd,sdk->sk", x, delta)
-                err = np.einsum("sk,sk->s", sigma(pre) + sigma_prime(pre) * shift, readout) - y
-                g = err[:, None] * readout * sigma_prime(pre)
-                delta -= eta * x[:, :, None] * g[:, None, :]
-            done += 1
-            if done % every == 0:
+                pre = np.einsum("sbd,sdk->sbk", x, base)
+                shift = np.einsum("sbd,sdk->sbk", x, delta)
+                linear = sigma(pre) + sigma_prime(pre) * shift
+                err = np.einsum("sbk,sk->sb", linear, readout) - y
+                g = err[..., None] * readout[:, None] * sigma_prime(pre)
+                delta -= step_eta[..., None] * np.einsum("sbd,sbk->sdk", x, g)
+            done += batch
+            if done % every < batch:
                 loss = test_loss()
                 curve.append(loss)
-                newly = np.isnan(steps) & (loss[:, None] <= np.array(THRESHOLDS))
-                steps[newly] = done
-                if np.all(~np.isfinite(loss) | ~np.isnan(steps[:, -1])):
-                    done = total  # every seed finished or diverged: stop
+                newly = np.isnan(samples) & (loss[:, None] <= np.array(THRESHOLDS))
+                samples[newly] = done
+                if np.all(~np.isfinite(loss) | ~np.isnan(samples[:, -1])):
+                    done = total  # every lane finished or diverged: stop
                     break
+            if done >= total:
+                break
     curve = np.stack(curve, axis=1)
-    return steps, curve[:, -1], curve
+    return samples, curve[:, -1], curve
 
 
 def tune(student, d, budget_factor):
-    """The rate `c` (in `eta = c / d`) with the fewest steps on tuning seeds."""
+    """The rate `c` (in `eta = c / d`) with the fewest samples on tuning seeds.
+
+    Every (rate, tuning seed) pair is one lane of a single vectorized run.
+    Ties (no lane reaching the threshold) go to the lowest final loss.
+    """
+    lanes = [(rate, seed) for rate in RATES for seed in TUNING_SEEDS]
+    samples, final, _ = run(
+        student, d, [r for r, _ in lanes], [s for _, s in lanes], budget_factor
+    )
     scores = []
     for rate in RATES:
-        steps, final, _ = run(student, d, rate, TUNING_SEEDS, budget_factor)
-        reached = np.nan_to_num(steps[:, -1], nan=np.inf)
-        final = np.where(np.isfinite(final), final, np.inf)
-        scores.append((float(np.median(reached)), float(np.median(final)), rate))
+        pick = [i for i, (r, _) in enumerate(lanes) if r == rate]
+        reached = np.nan_to_num(samples[pick, -1], nan=np.inf)
+        finals = np.where(np.isfinite(final[pick]), final[pick], np.inf)
+        scores.append((float(np.median(reached)), float(np.median(finals)), rate))
     return min(scores)[2], scores
 
 
@@ -217,9 +250,11 @@ def main(argv=None):
                 if not todo:
                     continue
                 budget = max(1, int(BUDGET[student] * scale))
-                rate, scores = tune(student, d, budget)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    rate, scores = tune(student, d, budget)
                 harness.log(f"{cell}: tuned c = {rate} ({scores})")
-                steps, final, curve = run(student, d, rate, todo, budget)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    steps, final, curve = run(student, d, [rate] * len(todo), todo, budget)
                 for i, seed in enumerate(todo):
                     study.record(cell, seed, {
                         "student": student,
@@ -240,7 +275,8 @@ def main(argv=None):
                         ),
                         "final_relative_loss": _finite(final[i]),
                         # About 100 checkpoints of the curve, evenly spaced.
-                        "curve_every": max(1, d // 4) * stride(curve.shape[1]),
+                        "batch": batch_size(d),
+                        "curve_every": max(batch_size(d), d // 2) * stride(curve.shape[1]),
                         "curve": [_finite(v) for v in curve[i, stride(curve.shape[1]) - 1 :: stride(curve.shape[1])]],
                     })
                 harness.log(f"{cell}: steps {steps}, final {np.round(final, 3)}")
