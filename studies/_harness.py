@@ -140,9 +140,7 @@ def bootstrap_interval(
     }
 
 
-def paired_difference(
-    a: Mapping, b: Mapping, confidence: float = 0.95
-) -> dict:
+def paired_difference(a: Mapping, b: Mapping, confidence: float = 0.95) -> dict:
     """`a - b` over the seeds both have, with a t interval of the differences.
 
     Args:
@@ -159,9 +157,7 @@ def paired_difference(
         raise ValueError("`a` and `b` must be {seed: value} mappings.")
     shared = sorted(set(a) & set(b))
     if not shared:
-        raise ValueError(
-            f"No shared seeds: `a` has {sorted(a)}, `b` has {sorted(b)}."
-        )
+        raise ValueError(f"No shared seeds: `a` has {sorted(a)}, `b` has {sorted(b)}.")
     differences = [float(a[s]) - float(b[s]) for s in shared]
     result = t_interval(differences, confidence)
     p_value = math.nan
@@ -213,7 +209,9 @@ def power_law_fit(
     rng = np.random.default_rng(seed)
     slopes = []
     for _ in range(resamples):
-        pick = np.concatenate([members[i] for i in rng.integers(0, labels.size, labels.size)])
+        pick = np.concatenate(
+            [members[i] for i in rng.integers(0, labels.size, labels.size)]
+        )
         if np.unique(lx[pick]).size < 2:
             continue
         slopes.append(np.polyfit(lx[pick], ly[pick], 1)[0])
@@ -292,12 +290,18 @@ class Study:
         self.runs_directory = self.directory / ("quick" if quick else "runs")
 
     def _path(self, cell: str, seed: int) -> pathlib.Path:
-        if not isinstance(cell, str) or not all(_NAME.fullmatch(p) for p in cell.split("/")):
+        if not isinstance(cell, str) or not all(
+            _NAME.fullmatch(p) for p in cell.split("/")
+        ):
             raise ValueError(
                 f"`cell` must be '/'-separated parts of lowercase letters, digits "
                 f"and '_.=+-'; received {cell!r}."
             )
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        if (
+            not isinstance(seed, (int, np.integer))
+            or isinstance(seed, bool)
+            or seed < 0
+        ):
             raise ValueError(f"`seed` must be a non-negative int; received {seed!r}.")
         return self.runs_directory / f"{cell.replace('/', '__')}__seed{int(seed)}.json"
 
@@ -394,7 +398,9 @@ def errorbar_figure(
         errors = np.nan_to_num(np.stack([means - low, high - means]))
         numeric = all(isinstance(x, (int, float)) for x in xs)
         positions = xs if numeric else np.arange(len(xs)) + 0.08 * index
-        axis.errorbar(positions, means, yerr=errors, capsize=3, marker="o", label=series)
+        axis.errorbar(
+            positions, means, yerr=errors, capsize=3, marker="o", label=series
+        )
         if not numeric:
             axis.set_xticks(np.arange(len(xs)), xs)
     if log:

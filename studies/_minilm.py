@@ -100,7 +100,9 @@ class Runner:
         dropout: dropout before the head.
     """
 
-    def __init__(self, configure, optimizer, sequence_length: int, dropout: float = 0.1):
+    def __init__(
+        self, configure, optimizer, sequence_length: int, dropout: float = 0.1
+    ):
         import _bbc_minilm as bbc
         import keras
 
@@ -129,7 +131,9 @@ class Runner:
         rng = np.random.default_rng([seed, 99])
         for variable, value in zip(self.trainable, self.initial, strict=True):
             if self._flippable(variable):
-                value = value * rng.choice(np.array([-1.0, 1.0], value.dtype), value.shape)
+                value = value * rng.choice(
+                    np.array([-1.0, 1.0], value.dtype), value.shape
+                )
             variable.assign(value)
         if self.built_optimizer:
             for variable in self.model.optimizer.variables:
@@ -184,7 +188,10 @@ class Runner:
             key = (val_accuracy, -val_loss)
             if best_key is None or key > best_key:
                 best_key = key
-                best = (epoch + 1, [np.array(keras.ops.convert_to_numpy(v)) for v in self.trainable])
+                best = (
+                    epoch + 1,
+                    [np.array(keras.ops.convert_to_numpy(v)) for v in self.trainable],
+                )
         epoch, values = best
         for variable, value in zip(self.trainable, values, strict=True):
             variable.assign(value)

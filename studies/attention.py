@@ -93,19 +93,31 @@ def main(argv=None):
                     keras.optimizers.AdamW(rate, weight_decay=0.01), value_ratio=lam
                 )
 
-            runner = minilm.Runner(configure(roles, rank), optimizer, sequence_length=length)
+            runner = minilm.Runner(
+                configure(roles, rank), optimizer, sequence_length=length
+            )
             for seed in todo:
                 train, val, test = minilm.split(tokens, shots, seed)
                 if args.quick:
                     test = {k: v[::6] for k, v in test.items()}
                 result = runner.train(train, val, test, seed, epochs)
                 result.pop("logits")
-                study.record(name, seed, {
-                    "roles": list(roles), "rank": rank, "lambda": lam,
-                    "eta_q": rate, "eta_v": rate * lam, "shots": shots,
-                    "epochs": epochs, "sequence_length": length,
-                    "backend": keras.backend.backend(), **result,
-                })
+                study.record(
+                    name,
+                    seed,
+                    {
+                        "roles": list(roles),
+                        "rank": rank,
+                        "lambda": lam,
+                        "eta_q": rate,
+                        "eta_v": rate * lam,
+                        "shots": shots,
+                        "epochs": epochs,
+                        "sequence_length": length,
+                        "backend": keras.backend.backend(),
+                        **result,
+                    },
+                )
                 harness.log(f"{name} seed {seed}: test {result['test_accuracy']:.3f}")
     report(study)
 
@@ -116,10 +128,14 @@ def report(study):
         print("no runs recorded yet")
         return
     runs = {(r["cell"], r["seed"]): r for r in study.runs()}
-    summary, lines = {}, [
-        "| cell | roles | rank | lambda | eta_Q | seeds | test acc % (mean [95% t]) | final train loss |",
-        "|---|---|---:|---:|---:|---:|---|---:|",
-    ]
+    summary, lines = (
+        {},
+        [
+            "| cell | roles | rank | lambda | eta_Q | seeds "
+            "| test acc % (mean [95% t]) | final train loss |",
+            "|---|---|---:|---:|---:|---:|---|---:|",
+        ],
+    )
     for name in CELLS:
         if name not in table:
             continue
@@ -130,7 +146,8 @@ def report(study):
         summary[name] = {"test_accuracy_pct": interval, "seeds": sorted(values)}
         lines.append(
             f"| {name} | {'+'.join(r[0].upper() for r in first['roles'])} | "
-            f"{first['rank']} | {first['lambda']} | {first['eta_q']:.2g} | {len(values)} | "
+            f"{first['rank']} | {first['lambda']} | {first['eta_q']:.2g} | "
+            f"{len(values)} | "
             f"{harness.format_interval(interval)} | {loss:.3f} |"
         )
     comparisons = [
@@ -157,18 +174,29 @@ def report(study):
     study.write_summary(summary, text)
     lam_points = [
         (lam, summary[f"qv_r8_l{lam}"]["test_accuracy_pct"])
-        for lam in (1, 2, 4, 8) if f"qv_r8_l{lam}" in summary
+        for lam in (1, 2, 4, 8)
+        if f"qv_r8_l{lam}" in summary
     ]
     control = [
         (lam, summary[f"qv_r8_l1_mean{lam}"]["test_accuracy_pct"])
-        for lam in (2, 4, 8) if f"qv_r8_l1_mean{lam}" in summary
+        for lam in (2, 4, 8)
+        if f"qv_r8_l1_mean{lam}" in summary
     ]
-    groups = {k: v for k, v in {"QV, eta_V = lambda eta_Q": lam_points,
-                                "QV, lambda 1 at the mean rate": control}.items() if v}
+    groups = {
+        k: v
+        for k, v in {
+            "QV, eta_V = lambda eta_Q": lam_points,
+            "QV, lambda 1 at the mean rate": control,
+        }.items()
+        if v
+    }
     if groups:
         harness.errorbar_figure(
-            study.figure_path("lambda"), groups, "lambda",
-            "test accuracy % (mean, 95% t)", "few-shot BBC News, MiniLM, LoRA r=8",
+            study.figure_path("lambda"),
+            groups,
+            "lambda",
+            "test accuracy % (mean, 95% t)",
+            "few-shot BBC News, MiniLM, LoRA r=8",
         )
 
 

@@ -50,7 +50,12 @@ CELLS = {
     "lp_lora": (True, "lora", 1e-3),
 }
 L2_GRID = tuple(10.0**k for k in range(-6, 2))
-PAPER_ECE = {"ft": (21.16, 5.13), "lp_ft": (21.72, 5.48), "lora": (11.92, 6.17), "lp_lora": (18.14, 5.72)}
+PAPER_ECE = {
+    "ft": (21.16, 5.13),
+    "lp_ft": (21.72, 5.48),
+    "lora": (11.92, 6.17),
+    "lp_lora": (18.14, 5.72),
+}
 
 
 # ------------------------------------------------------------------ probe
@@ -70,14 +75,20 @@ def fit_probe(features, labels, l2, classes=5):
     def loss(theta):
         v, b = theta[: f * classes].reshape(f, classes), theta[f * classes :]
         p = _softmax(features @ v + b)
-        value = -np.mean(np.sum(onehot * np.log(p + 1e-300), axis=1)) + l2 * np.sum(v * v)
+        value = -np.mean(np.sum(onehot * np.log(p + 1e-300), axis=1)) + l2 * np.sum(
+            v * v
+        )
         g = (p - onehot) / n
         grad = np.concatenate([(features.T @ g + 2 * l2 * v).ravel(), g.sum(axis=0)])
         return value, grad
 
     theta = np.zeros(f * classes + classes)
     result = optimize.minimize(
-        loss, theta, jac=True, method="L-BFGS-B", options={"maxiter": 5000, "gtol": 1e-8}
+        loss,
+        theta,
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": 5000, "gtol": 1e-8},
     )
     return result.x[: f * classes].reshape(f, classes), result.x[f * classes :]
 
@@ -131,13 +142,17 @@ def calibration(test_logits, test_labels, val_logits, val_labels, seed):
     for key, t in (("before", 1.0), ("after", temperature)):
         scaled = test_logits / t
         ece, mce = ece_mce(scaled, test_labels)
-        library = ka.calibration.calibration_errors(test_logits, test_labels, temperature=t)
+        library = ka.calibration.calibration_errors(
+            test_logits, test_labels, temperature=t
+        )
         samples = []
         for _ in range(1000):
             pick = rng.integers(0, test_labels.size, test_labels.size)
             samples.append(ece_mce(scaled[pick], test_labels[pick])[0])
         out[key] = {
-            "ece": ece, "mce": mce, "ece_library": library["ece"],
+            "ece": ece,
+            "mce": mce,
+            "ece_library": library["ece"],
             "ece_low": float(np.quantile(samples, 0.025)),
             "ece_high": float(np.quantile(samples, 0.975)),
             "nll": library["nll"],
@@ -154,7 +169,9 @@ def configure(kind):
 
         if kind == "lora":
             ka.enable_adapter(
-                classifier, ka.LoRA(rank=8, alpha=8), targets=ka.attention("query", "value")
+                classifier,
+                ka.LoRA(rank=8, alpha=8),
+                targets=ka.attention("query", "value"),
             )
         # "ft" and the probe alone: every weight stays trainable (a probe-only
         # cell never trains).
@@ -204,34 +221,62 @@ def main(argv=None):
                 train, val, test = minilm.split(tokens, shots, seed)
                 if args.quick:
                     test = {k: v[::6] for k, v in test.items()}
-                record = {"cell": name, "shots": shots, "epochs": epochs,
-                          "sequence_length": length, "optimizer": "Adam",
-                          "rate": rate, "backend": keras.backend.backend()}
+                record = {
+                    "cell": name,
+                    "shots": shots,
+                    "epochs": epochs,
+                    "sequence_length": length,
+                    "optimizer": "Adam",
+                    "rate": rate,
+                    "backend": keras.backend.backend(),
+                }
 
-                def probe(seed=seed, train=train, record=record):
-                    feats = extractor.predict(minilm.features(train), batch_size=64, verbose=0)
+                def probe(
+                    seed=seed,
+                    train=train,
+                    record=record,
+                    extractor=extractor,
+                    head=head,
+                ):
+                    feats = extractor.predict(
+                        minilm.features(train), batch_size=64, verbose=0
+                    )
                     l2, scores = choose_l2(feats, train["labels"], seed)
                     v, b = fit_probe(feats, train["labels"], l2)
                     head.kernel.assign(v.astype("float32"))
                     head.bias.assign(b.astype("float32"))
-                    record.update(probe_l2=l2, probe_cv=scores,
-                                  probe_head_norm=float(np.linalg.norm(v)))
+                    record.update(
+                        probe_l2=l2,
+                        probe_cv=scores,
+                        probe_head_norm=float(np.linalg.norm(v)),
+                    )
 
                 if kind is None:
                     runner.reset(seed)
                     probe()
-                    logits = runner.model.predict(minilm.features(test), batch_size=64, verbose=0)
+                    logits = runner.model.predict(
+                        minilm.features(test), batch_size=64, verbose=0
+                    )
                     correct = int(np.sum(logits.argmax(1) == test["labels"]))
-                    result = {"test_correct": correct, "test_n": int(test["labels"].size),
-                              "test_accuracy": correct / test["labels"].size,
-                              "best_epoch": 0}
+                    result = {
+                        "test_correct": correct,
+                        "test_n": int(test["labels"].size),
+                        "test_accuracy": correct / test["labels"].size,
+                        "best_epoch": 0,
+                    }
                 else:
                     result = runner.train(
-                        train, val, test, seed, epochs,
+                        train,
+                        val,
+                        test,
+                        seed,
+                        epochs,
                         before=probe if probe_first else None,
                     )
                     logits = result.pop("logits")
-                val_logits = runner.model.predict(minilm.features(val), batch_size=64, verbose=0)
+                val_logits = runner.model.predict(
+                    minilm.features(val), batch_size=64, verbose=0
+                )
                 record.update(result)
                 record["head_norm"] = head_norm(runner.model)
                 record["calibration"] = calibration(
@@ -241,7 +286,8 @@ def main(argv=None):
                 c = record["calibration"]
                 harness.log(
                     f"{name} seed {seed}: test {record['test_accuracy']:.3f}, ECE "
-                    f"{c['before']['ece']:.3f} -> {c['after']['ece']:.3f} (T={c['temperature']:.2f})"
+                    f"{c['before']['ece']:.3f} -> {c['after']['ece']:.3f} "
+                    f"(T={c['temperature']:.2f})"
                 )
     report(study)
 
@@ -251,22 +297,34 @@ def report(study):
     if not runs:
         print("no runs recorded yet")
         return
-    summary, lines = {}, [
-        "| cell | seeds | test acc % | ECE % before TS | ECE % after TS | T | head norm | probe l2 |",
-        "|---|---:|---|---|---|---:|---:|---:|",
-    ]
+    summary, lines = (
+        {},
+        [
+            "| cell | seeds | test acc % | ECE % before TS | ECE % after TS | T "
+            "| head norm | probe l2 |",
+            "|---|---:|---|---|---|---:|---:|---:|",
+        ],
+    )
     for name in CELLS:
         mine = [r for r in runs if r["cell"] == name]
         if not mine:
             continue
         acc = harness.t_interval([100 * r["test_accuracy"] for r in mine])
-        before = harness.t_interval([100 * r["calibration"]["before"]["ece"] for r in mine])
-        after = harness.t_interval([100 * r["calibration"]["after"]["ece"] for r in mine])
+        before = harness.t_interval(
+            [100 * r["calibration"]["before"]["ece"] for r in mine]
+        )
+        after = harness.t_interval(
+            [100 * r["calibration"]["after"]["ece"] for r in mine]
+        )
         temps = [r["calibration"]["temperature"] for r in mine]
         l2s = sorted({r.get("probe_l2") for r in mine if r.get("probe_l2") is not None})
-        summary[name] = {"test_accuracy_pct": acc, "ece_before_pct": before,
-                         "ece_after_pct": after, "temperature_mean": float(np.mean(temps)),
-                         "head_norm_mean": float(np.mean([r["head_norm"] for r in mine]))}
+        summary[name] = {
+            "test_accuracy_pct": acc,
+            "ece_before_pct": before,
+            "ece_after_pct": after,
+            "temperature_mean": float(np.mean(temps)),
+            "head_norm_mean": float(np.mean([r["head_norm"] for r in mine])),
+        }
         lines.append(
             f"| {name} | {len(mine)} | {harness.format_interval(acc)} | "
             f"{harness.format_interval(before)} | {harness.format_interval(after)} | "
@@ -274,7 +332,9 @@ def report(study):
             f"{', '.join(f'{v:g}' for v in l2s) or '-'} |"
         )
     lines.append("")
-    lines.append("Per-seed ECE bootstrap intervals (95%, over test articles) are in the JSON.")
+    lines.append(
+        "Per-seed ECE bootstrap intervals (95%, over test articles) are in the JSON."
+    )
     table = study.by_cell("test_accuracy")
     for a, b in (("lp_ft", "ft"), ("lp_lora", "lora")):
         if a in table and b in table and set(table[a]) & set(table[b]):
@@ -283,16 +343,24 @@ def report(study):
                 {s: 100 * v for s, v in table[b].items()},
             )
             summary[f"{a}-{b}"] = diff
-            lines.append(f"- {a} - {b} (test accuracy points): {harness.format_interval(diff)} (n={diff['n']})")
+            lines.append(
+                f"- {a} - {b} (test accuracy points): "
+                f"{harness.format_interval(diff)} (n={diff['n']})"
+            )
     text = "\n".join(lines) + "\n"
     print(text)
     study.write_summary(summary, text)
     groups = {}
-    for key, label in (("ece_before_pct", "before temperature scaling"),
-                       ("ece_after_pct", "after")):
+    for key, label in (
+        ("ece_before_pct", "before temperature scaling"),
+        ("ece_after_pct", "after"),
+    ):
         groups[label] = [(n, summary[n][key]) for n in CELLS if n in summary]
     harness.errorbar_figure(
-        study.figure_path("ece"), groups, "cell", "test ECE % (mean, 95% t)",
+        study.figure_path("ece"),
+        groups,
+        "cell",
+        "test ECE % (mean, 95% t)",
         "few-shot BBC News, MiniLM",
     )
 

@@ -99,12 +99,20 @@ def main(argv=None):
                     test = {k: v[::6] for k, v in test.items()}
                 result = runners[cell].train(train, val, test, seed, epochs)
                 result.pop("logits")
-                study.record(cell, seed, {
-                    "method": name, "lr": rate, "shots": shots, "epochs": epochs,
-                    "sequence_length": length,
-                    "adapter_params": result["trainable_params"] - 1925,
-                    "backend": keras.backend.backend(), **result,
-                })
+                study.record(
+                    cell,
+                    seed,
+                    {
+                        "method": name,
+                        "lr": rate,
+                        "shots": shots,
+                        "epochs": epochs,
+                        "sequence_length": length,
+                        "adapter_params": result["trainable_params"] - 1925,
+                        "backend": keras.backend.backend(),
+                        **result,
+                    },
+                )
                 harness.log(
                     f"{cell} seed {seed}: test {result['test_accuracy']:.3f} "
                     f"(best epoch {result['best_epoch']}, {result['seconds']:.0f} s)"
@@ -135,7 +143,10 @@ def report(study):
         print("no runs recorded yet")
         return None
     summary, lines, chosen = {}, [], {}
-    lines.append("| method | adapter params | lr | seeds | val acc (mean) | test acc % (mean [95% t]) | best epoch |")
+    lines.append(
+        "| method | adapter params | lr | seeds | val acc (mean) "
+        "| test acc % (mean [95% t]) | best epoch |"
+    )
     lines.append("|---|---:|---:|---:|---:|---|---:|")
     for name in METHODS:
         mine = [r for r in runs if r["method"] == name]
@@ -144,6 +155,7 @@ def report(study):
         by_rate = {}
         for r in mine:
             by_rate.setdefault(r["lr"], []).append(r)
+
         def val_score(rs):
             return np.mean([max(r["val_accuracy"]) for r in rs])
 
@@ -152,13 +164,20 @@ def report(study):
             test = harness.t_interval([100 * r["test_accuracy"] for r in rs])
             mark = " (picked)" if rate == best_rate else ""
             lines.append(
-                f"| {name} | {rs[0]['adapter_params']:,} | {rate:g}{mark} | {len(rs)} | "
+                f"| {name} | {rs[0]['adapter_params']:,} | {rate:g}{mark} | "
+                f"{len(rs)} | "
                 f"{100 * val_score(rs):.1f} | {harness.format_interval(test)} | "
                 f"{np.mean([r['best_epoch'] for r in rs]):.1f} |"
             )
-            summary[f"{name}/lr={rate:g}"] = {"test_accuracy_pct": test, "picked": bool(mark)}
+            summary[f"{name}/lr={rate:g}"] = {
+                "test_accuracy_pct": test,
+                "picked": bool(mark),
+            }
         chosen[name] = {r["seed"]: 100 * r["test_accuracy"] for r in by_rate[best_rate]}
-    lines += ["", "Paired differences against LoRA (test accuracy points, shared seeds):"]
+    lines += [
+        "",
+        "Paired differences against LoRA (test accuracy points, shared seeds):",
+    ]
     if "lora" in chosen:
         for name, values in chosen.items():
             if name == "lora":
@@ -179,7 +198,9 @@ def report(study):
     )
     text = "\n".join(lines) + "\n"
     print(text)
-    summary["picked"] = {k: harness.t_interval(list(v.values())) for k, v in chosen.items()}
+    summary["picked"] = {
+        k: harness.t_interval(list(v.values())) for k, v in chosen.items()
+    }
     study.write_summary(summary, text)
     groups = {
         name: [(name, harness.t_interval(list(values.values())))]

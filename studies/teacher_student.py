@@ -135,9 +135,9 @@ def run(student, d, rates, seeds, budget_factor=400, batch=None, chunk=64):
     rng = np.random.default_rng([*seeds, d, 7])
     eta = np.asarray(rates, dtype="float64") / d
     if student == "lora":
-        left = np.stack([
-            np.random.default_rng([seed, d, 3]).uniform(-1, 1, d) for seed in seeds
-        ]) / math.sqrt(d)
+        left = np.stack(
+            [np.random.default_rng([seed, d, 3]).uniform(-1, 1, d) for seed in seeds]
+        ) / math.sqrt(d)
         right = np.zeros((s, HIDDEN))
     elif student == "scratch":
         kernel = p["start"].copy()
@@ -146,7 +146,9 @@ def run(student, d, rates, seeds, budget_factor=400, batch=None, chunk=64):
 
     def test_loss():
         if student == "lora":
-            shift = np.einsum("snd,sd->sn", p["test_x"], left)[..., None] * right[:, None]
+            shift = (
+                np.einsum("snd,sd->sn", p["test_x"], left)[..., None] * right[:, None]
+            )
             out = np.einsum("snk,sk->sn", sigma(base_pre + shift), readout)
         elif student == "scratch":
             out = network(p["test_x"], kernel, readout)
@@ -172,7 +174,10 @@ def run(student, d, rates, seeds, budget_factor=400, batch=None, chunk=64):
             x, y = xs[t], ys[t]  # (s, b, d), (s, b)
             if student == "lora":
                 proj = np.einsum("sbd,sd->sb", x, left)
-                pre = np.einsum("sbd,sdk->sbk", x, base) + proj[..., None] * right[:, None]
+                pre = (
+                    np.einsum("sbd,sdk->sbk", x, base)
+                    + proj[..., None] * right[:, None]
+                )
                 err = np.einsum("sbk,sk->sb", sigma(pre), readout) - y
                 g = err[..., None] * readout[:, None] * sigma_prime(pre)  # (s, b, k)
                 grad_right = np.einsum("sbk,sb->sk", g, proj)
@@ -241,7 +246,11 @@ def main(argv=None):
     if args.quick:
         widths, seeds, scale = (32, 64), list(range(args.seeds or 3)), 0.25
     else:
-        widths, seeds, scale = (64, 128, 256, 512, 1024), list(range(args.seeds or 10)), 1
+        widths, seeds, scale = (
+            (64, 128, 256, 512, 1024),
+            list(range(args.seeds or 10)),
+            1,
+        )
     if not args.report:
         for d in widths:
             for student in STUDENTS:
@@ -254,31 +263,46 @@ def main(argv=None):
                     rate, scores = tune(student, d, budget)
                 harness.log(f"{cell}: tuned c = {rate} ({scores})")
                 with np.errstate(over="ignore", invalid="ignore"):
-                    steps, final, curve = run(student, d, [rate] * len(todo), todo, budget)
+                    steps, final, curve = run(
+                        student, d, [rate] * len(todo), todo, budget
+                    )
                 for i, seed in enumerate(todo):
-                    study.record(cell, seed, {
-                        "student": student,
-                        "d": d,
-                        "hidden": HIDDEN,
-                        "activation": "He3/sqrt(6)",
-                        "rate_c": rate,
-                        "eta": rate / d,
-                        "tuning": [list(s) for s in scores],
-                        "threshold": THRESHOLD,
-                        "budget_samples": budget * d,
-                        "thresholds": list(THRESHOLDS),
-                        "samples_to": [
-                            None if np.isnan(v) else int(v) for v in steps[i]
-                        ],
-                        "samples_to_threshold": (
-                            None if np.isnan(steps[i, -1]) else int(steps[i, -1])
-                        ),
-                        "final_relative_loss": _finite(final[i]),
-                        # About 100 checkpoints of the curve, evenly spaced.
-                        "batch": batch_size(d),
-                        "curve_every": max(batch_size(d), d // 2) * stride(curve.shape[1]),
-                        "curve": [_finite(v) for v in curve[i, stride(curve.shape[1]) - 1 :: stride(curve.shape[1])]],
-                    })
+                    study.record(
+                        cell,
+                        seed,
+                        {
+                            "student": student,
+                            "d": d,
+                            "hidden": HIDDEN,
+                            "activation": "He3/sqrt(6)",
+                            "rate_c": rate,
+                            "eta": rate / d,
+                            "tuning": [list(s) for s in scores],
+                            "threshold": THRESHOLD,
+                            "budget_samples": budget * d,
+                            "thresholds": list(THRESHOLDS),
+                            "samples_to": [
+                                None if np.isnan(v) else int(v) for v in steps[i]
+                            ],
+                            "samples_to_threshold": (
+                                None if np.isnan(steps[i, -1]) else int(steps[i, -1])
+                            ),
+                            "final_relative_loss": _finite(final[i]),
+                            # About 100 checkpoints of the curve, evenly spaced.
+                            "batch": batch_size(d),
+                            "curve_every": max(batch_size(d), d // 2)
+                            * stride(curve.shape[1]),
+                            "curve": [
+                                _finite(v)
+                                for v in curve[
+                                    i,
+                                    stride(curve.shape[1]) - 1 :: stride(
+                                        curve.shape[1]
+                                    ),
+                                ]
+                            ],
+                        },
+                    )
                 harness.log(f"{cell}: steps {steps}, final {np.round(final, 3)}")
     report(study)
 
@@ -328,7 +352,9 @@ def report(study):
                 xs += [d] * len(reached)
                 ys += [r["samples_to"][t] for r in reached]
                 gs += [r["seed"] for r in reached]
-                points.append((d, harness.t_interval([r["samples_to"][t] for r in reached])))
+                points.append(
+                    (d, harness.t_interval([r["samples_to"][t] for r in reached]))
+                )
             if len(set(xs)) >= 2:
                 fit = harness.power_law_fit(xs, ys, gs)
                 fit["widths"] = sorted(set(xs))

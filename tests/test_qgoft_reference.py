@@ -10,9 +10,8 @@ and `R W`. Adapter files written before the stage order was recorded
 with their old meaning and give the outputs saved beside them.
 """
 
-import os
-
 import math
+import os
 
 import keras
 import numpy as np
@@ -447,7 +446,8 @@ def test_orders_differ_from_d_3_and_are_transposes():
     # d = 2 has one stage: both orders agree.
     one = RNG.normal(size=(1, 2, 2))
     np.testing.assert_allclose(
-        reference_rotation(one, 2, "authors"), reference_rotation(one, 2, "stage1_first")
+        reference_rotation(one, 2, "authors"),
+        reference_rotation(one, 2, "stage1_first"),
     )
 
 
@@ -466,10 +466,13 @@ def test_config_without_stage_order_means_stage1_first():
 OLD_FILES = os.path.join(os.path.dirname(__file__), "data", "qgoft_v1")
 
 
-@pytest.mark.parametrize("name, adapter", [
-    ("qgoft", ka.QGOFT(orthogonality=1e-2, stage_order="stage1_first")),
-    ("goft_scaled", ka.GOFT(scale=True, stage_order="stage1_first")),
-])
+@pytest.mark.parametrize(
+    "name, adapter",
+    [
+        ("qgoft", ka.QGOFT(orthogonality=1e-2, stage_order="stage1_first")),
+        ("goft_scaled", ka.GOFT(scale=True, stage_order="stage1_first")),
+    ],
+)
 def test_old_adapter_file_loads_with_its_meaning(name, adapter):
     saved = np.load(os.path.join(OLD_FILES, f"{name}.npz"))
     path = os.path.join(OLD_FILES, f"{name}.adapter.weights.h5")

@@ -25,7 +25,9 @@ def test_t_interval_by_hand():
     assert result["std"] == 1.0
     assert result["n"] == 3
     np.testing.assert_allclose(result["half_width"], 4.302653 / math.sqrt(3), rtol=1e-6)
-    np.testing.assert_allclose([result["low"], result["high"]], [2 - 2.484138, 2 + 2.484138], rtol=1e-6)
+    np.testing.assert_allclose(
+        [result["low"], result["high"]], [2 - 2.484138, 2 + 2.484138], rtol=1e-6
+    )
 
 
 def test_t_interval_matches_scipy():
@@ -70,7 +72,9 @@ def test_bootstrap_interval_of_constant_and_coverage():
     values = np.random.default_rng(1).normal(size=400)
     boot = harness.bootstrap_interval(values, resamples=4000)
     t = harness.t_interval(values)
-    np.testing.assert_allclose([boot["low"], boot["high"]], [t["low"], t["high"]], atol=0.01)
+    np.testing.assert_allclose(
+        [boot["low"], boot["high"]], [t["low"], t["high"]], atol=0.01
+    )
     median = harness.bootstrap_interval(values, statistic=np.median, resamples=500)
     assert median["low"] < np.median(values) < median["high"]
 
@@ -94,7 +98,10 @@ def test_power_law_fit_recovers_exact_exponent():
     np.testing.assert_allclose(result["slope"], 1.5, atol=1e-10)
     np.testing.assert_allclose([result["low"], result["high"]], [1.5, 1.5], atol=1e-10)
     noisy = harness.power_law_fit(
-        d, d * np.exp(np.random.default_rng(2).normal(0, 0.3, d.size)), seeds, resamples=200
+        d,
+        d * np.exp(np.random.default_rng(2).normal(0, 0.3, d.size)),
+        seeds,
+        resamples=200,
     )
     assert noisy["low"] < noisy["slope"] < noisy["high"]
 
@@ -102,34 +109,45 @@ def test_power_law_fit_recovers_exact_exponent():
 def test_binomial_interval_by_hand():
     # Wilson, 90/100, z = 1.959964: centre 0.8824, half width 0.0594
     result = harness.binomial_interval(90, 100)
-    np.testing.assert_allclose([result["low"], result["high"]], [0.82564, 0.94476], atol=1e-4)
+    np.testing.assert_allclose(
+        [result["low"], result["high"]], [0.82564, 0.94476], atol=1e-4
+    )
 
 
 def test_study_records_resume_and_summaries(tmp_path):
     study = harness.Study("demo", root=tmp_path)
     assert study.runs() == [] and not study.has("lora/lr=1e-3", 0)
-    study.record("lora/lr=1e-3", 0, {"accuracy": np.float32(0.5), "curve": np.arange(3)})
+    study.record(
+        "lora/lr=1e-3", 0, {"accuracy": np.float32(0.5), "curve": np.arange(3)}
+    )
     study.record("lora/lr=1e-3", 1, {"accuracy": 0.75})
     study.record("hut/lr=1e-3", 0, {"accuracy": 0.25})
     assert study.has("lora/lr=1e-3", 0) and not study.has("lora/lr=1e-3", 2)
     runs = study.runs()
     assert [(r["cell"], r["seed"]) for r in runs] == [
-        ("hut/lr=1e-3", 0), ("lora/lr=1e-3", 0), ("lora/lr=1e-3", 1)
+        ("hut/lr=1e-3", 0),
+        ("lora/lr=1e-3", 0),
+        ("lora/lr=1e-3", 1),
     ]
     assert runs[1]["curve"] == [0, 1, 2] and runs[1]["accuracy"] == 0.5
     assert study.by_cell("accuracy") == {
-        "hut/lr=1e-3": {0: 0.25}, "lora/lr=1e-3": {0: 0.5, 1: 0.75}
+        "hut/lr=1e-3": {0: 0.25},
+        "lora/lr=1e-3": {0: 0.5, 1: 0.75},
     }
     # One file per run, readable JSON, nothing left over from the atomic write.
     names = sorted(os.listdir(study.runs_directory))
     assert names == [
-        "hut__lr=1e-3__seed0.json", "lora__lr=1e-3__seed0.json", "lora__lr=1e-3__seed1.json"
+        "hut__lr=1e-3__seed0.json",
+        "lora__lr=1e-3__seed0.json",
+        "lora__lr=1e-3__seed1.json",
     ]
     # Quick runs are stored apart and never mixed with the real ones.
     quick = harness.Study("demo", quick=True, root=tmp_path)
     assert quick.runs() == []
     quick.write_summary({"x": np.float64(1.0)}, "text\n")
-    assert json.loads((tmp_path / "demo" / "summary_quick.json").read_text()) == {"x": 1.0}
+    assert json.loads((tmp_path / "demo" / "summary_quick.json").read_text()) == {
+        "x": 1.0
+    }
     with pytest.raises(ValueError, match="cell"):
         study.record("Bad Cell", 0, {})
     with pytest.raises(ValueError, match="seed"):
@@ -139,6 +157,9 @@ def test_study_records_resume_and_summaries(tmp_path):
 def test_errorbar_figure_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "figure.png"
-    points = [(64, harness.t_interval([1.0, 2.0])), (128, harness.t_interval([2.0, 4.0]))]
+    points = [
+        (64, harness.t_interval([1.0, 2.0])),
+        (128, harness.t_interval([2.0, 4.0])),
+    ]
     harness.errorbar_figure(path, {"lora": points}, "d", "steps", log=True)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

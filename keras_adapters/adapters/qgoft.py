@@ -272,7 +272,10 @@ class _GivensAdapter(Adapter):
 
         def transform(x):
             y = apply_givens(
-                ops.cast(x, "float32"), blocks, kernel.d_in, stage_order=self.stage_order
+                ops.cast(x, "float32"),
+                blocks,
+                kernel.d_in,
+                stage_order=self.stage_order,
             )
             if scale is not None:
                 y = y * scale
