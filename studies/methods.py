@@ -20,7 +20,9 @@ AdamW (weight decay 0.01, constant rate), the best validation epoch kept.
 Learning rate: a grid of two per method (below); both rates run seeds 0 and
 1, the rate with the higher mean best-epoch validation accuracy on those
 (ties: the lower rate) then runs the remaining seeds, and only the picked
-rate is reported on test. Paired over seeds: every method sees the same
+rate is reported on test. Methods run one after the other (LoRA, qGOFT,
+HUT, DoRA, GOFT), each complete before the next, so a stopped study has
+whole methods. Paired over seeds: every method sees the same
 split and head init at a seed.
 
 Run: `python studies/methods.py [--quick] [--seeds N] [--methods a,b]`
@@ -39,11 +41,11 @@ import _harness as harness  # noqa: E402
 import _minilm as minilm  # noqa: E402
 
 METHODS = {
-    # name: (adapter factory, learning-rate grid, label)
+    # name: (adapter factory, learning-rate grid); run in this order.
     "lora": (lambda ka: ka.LoRA(rank=2, alpha=4), (1e-3, 3e-3)),
+    "qgoft": (lambda ka: ka.QGOFT(orthogonality=1e-3), (3e-3, 1e-2)),
     "hut": (lambda ka: ka.HUT(rank=2, alpha=4), (3e-3, 1e-2)),
     "dora": (lambda ka: ka.DoRA(rank=2, alpha=4), (1e-3, 3e-3)),
-    "qgoft": (lambda ka: ka.QGOFT(orthogonality=1e-3), (3e-3, 1e-2)),
     "goft": (lambda ka: ka.GOFT(), (3e-3, 1e-2)),
 }
 PAPER = {"lora": 88.33, "qgoft": 89.35, "goft": 88.78}  # GLUE avg, Table 1
@@ -119,12 +121,11 @@ def main(argv=None):
                 )
 
         tuning = seeds[:2]
-        for name in methods:  # phase 1: every rate on the tuning seeds
+        for name in methods:  # one method at a time, complete before the next
             rates = METHODS[name][1][:1] if args.quick else METHODS[name][1]
-            for rate in rates:
+            for rate in rates:  # phase 1: every rate on the tuning seeds
                 run(name, rate, tuning)
-        for name in methods:  # phase 2: the picked rate on the other seeds
-            run(name, picked_rate(study, name), seeds)
+            run(name, picked_rate(study, name), seeds)  # phase 2: the picked rate
     report(study)
 
 
