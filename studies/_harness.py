@@ -355,6 +355,12 @@ class Study:
         return self.directory / f"{name}{suffix}.png"
 
 
+def write_json(path, data: Mapping) -> None:
+    """Writes `data` as indented JSON, atomically."""
+    body = json.dumps(_plain(dict(data)), indent=1, sort_keys=True) + "\n"
+    _io.write_bytes(path, body.encode())
+
+
 def _plain(value):
     """JSON-ready copy: NumPy scalars and arrays become Python numbers/lists."""
     if isinstance(value, Mapping):
