@@ -1,6 +1,6 @@
 """Sessions: `nox -s tests` (both backends), `lint`, `demo`, `serve`, `docs`,
-`figures`, `release`, `benchmarks`, and the paper workflows `study`, `lp_ft`,
-`teacher_student`.
+`figures`, `release`, `benchmarks`, the paper workflows `study`, `lp_ft`,
+`teacher_student`, and `studies` (the papers' claims with seeds and intervals).
 
 Virtual environments are reused between runs, and uv (when installed, as with
 `pip install "nox[uv]"`) links packages from its cache, so the second backend's
@@ -123,6 +123,29 @@ def lp_ft(session):
 def teacher_student(session):
     """The low-rank teacher-student lab (`-- --quick`)."""
     _example(session, "teacher_student.py")
+
+
+STUDIES = ("teacher_student", "methods", "attention", "lp_ft")
+
+
+@nox.session
+def studies(session):
+    """The papers' claims, with seeds and intervals: `nox -s studies -- NAME`.
+
+    NAME is one of `teacher_student`, `methods`, `attention`, `lp_ft`, or
+    `all`; further arguments go to the study (`--quick` for a smoke run of
+    about a minute each, `--seeds N`, `--report` to rebuild the summary and
+    figures from the committed JSON, `--fresh`). Full runs resume from the
+    per-seed JSON under `docs/studies/` (see docs/studies.md for what each
+    costs). Without arguments: `all --quick`.
+    """
+    _install(session, with_example_data=True, extras="dev,plot")
+    name, *rest = session.posargs or ["all", "--quick"]
+    if name not in (*STUDIES, "all"):
+        session.error(f"Unknown study {name!r}; choose from {STUDIES} or 'all'.")
+    env = {"KERAS_BACKEND": session.env.get("KERAS_BACKEND", "jax")}
+    for study in STUDIES if name == "all" else (name,):
+        session.run("python", f"studies/{study}.py", *rest, env=env)
 
 
 @nox.session

@@ -12,9 +12,11 @@ one point per method and backend: x is the number of trainable parameters
 Accuracy is not in the benchmark files (they time steps of a randomly
 initialized model). `--accuracy FILE` takes a JSON object
 `{"<method>": <test accuracy in %>, ...}` keyed like the benchmark's `method`
-field (`lora`, `hut`, `goft`, `qgoft`, `full`, `keras_lora`), for instance from
-the method study of issue 17, and writes each value next to its method's
-points. Without it the figure shows parameters and time only.
+field (`lora`, `hut`, `goft`, `qgoft`, `full`, `keras_lora`), and writes each
+value next to its method's points. `studies/methods.py` writes one,
+`docs/studies/methods/accuracy.json` (few-shot BBC News; note its budgets: LoRA
+and HUT rank 2 there, rank 8 in the benchmark; keys starting with `_` are
+ignored). Without it the figure shows parameters and time only.
 """
 
 import argparse

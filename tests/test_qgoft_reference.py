@@ -1,12 +1,17 @@
 """qGOFT and GOFT against an independent NumPy reference.
 
 The reference builds `R` as an explicit product of `d x d` Givens matrices,
-`R = P_1 P_2 ... P_K`, stage `k` pairing `(2^k m, 2^k m + 2^(k-1))`, from the
-values of the adapter's variables (set to random, non-identity values), and
-compares the layer's output and its merged kernel with `x R W` and `R W`.
+`R = P_K ... P_2 P_1` (the authors' code, the default) or `P_1 P_2 ... P_K`
+(`stage_order="stage1_first"`), stage `k` pairing `(2^k m, 2^k m + 2^(k-1))`,
+from the values of the adapter's variables (set to random, non-identity
+values), and compares the layer's output and its merged kernel with `x R W`
+and `R W`. Adapter files written before the stage order was recorded
+(`tests/data/qgoft_v1/`, written by keras_adapters at commit fff80cd) load
+with their old meaning and give the outputs saved beside them.
 """
 
 import math
+import os
 
 import keras
 import numpy as np
@@ -20,6 +25,7 @@ from single_layer import to_matrix
 
 import keras_adapters as ka
 from keras_adapters import layers as adapter_layers
+from keras_adapters import model as adapter_model
 
 RNG = np.random.default_rng(1234)
 
@@ -48,16 +54,22 @@ def reference_blocks(adapter, layer):
     return np.asarray(layer.qgoft_blocks, "float64")
 
 
-def reference_rotation(blocks, d):
-    """`R = P_1 P_2 ... P_K` as a dense `d x d` matrix (float64)."""
-    rotation, index = np.eye(d), 0
+def reference_rotation(blocks, d, stage_order="authors"):
+    """`R` as a dense `d x d` matrix (float64): `P_K ... P_1` (authors) or
+    `P_1 ... P_K` (stage1_first)."""
+    factors, index = [], 0
     for stage in reference_pairs(d):
         factor = np.eye(d)
         for i, j in stage:
             factor[np.ix_([i, j], [i, j])] = blocks[index]
             index += 1
-        rotation = rotation @ factor
+        factors.append(factor)
     assert index == len(blocks) == d - 1
+    if stage_order == "authors":
+        factors = factors[::-1]
+    rotation = np.eye(d)
+    for factor in factors:
+        rotation = rotation @ factor
     return rotation
 
 
@@ -87,6 +99,8 @@ ADAPTERS = {
     "goft_scaled": lambda: ka.GOFT(scale=True),
     "qgoft": lambda: ka.QGOFT(orthogonality=1e-2),
     "qgoft_scaled": lambda: ka.QGOFT(orthogonality=0.0, scale=True),
+    "qgoft_stage1_first": lambda: ka.QGOFT(1e-2, stage_order="stage1_first"),
+    "goft_stage1_first": lambda: ka.GOFT(scale=True, stage_order="stage1_first"),
 }
 
 
@@ -125,7 +139,9 @@ def test_output_and_merge_match_reference(layout, adapter_id):
     randomize(layer)
     base = to_matrix(layout, layer._kernel)
     d = base.shape[0]
-    rotation = reference_rotation(reference_blocks(adapter, layer), d)
+    rotation = reference_rotation(
+        reference_blocks(adapter, layer), d, adapter.stage_order
+    )
     merged = rotation @ np.diag(reference_scale(adapter, layer, d)) @ base
     expected = layer_output(layout, layer, x, merged)
     # The reference R is not the identity: the test can tell.
@@ -153,7 +169,8 @@ def test_output_and_merge_match_reference(layout, adapter_id):
 
 @pytest.mark.parametrize("d", [2, 3, 5, 8, 13])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_apply_givens_matches_reference(d, transpose):
+@pytest.mark.parametrize("stage_order", ["authors", "stage1_first"])
+def test_apply_givens_matches_reference(d, transpose, stage_order):
     blocks = RNG.normal(size=(d - 1, 2, 2))
     stages, start = [], 0
     for _, pairs in ka.adapters.qgoft.givens_stages(d):
@@ -161,8 +178,10 @@ def test_apply_givens_matches_reference(d, transpose):
         stages.append(tuple(chunk[:, i, j] for i in (0, 1) for j in (0, 1)))
         start += pairs
     x = RNG.normal(size=(6, d)).astype("float32")
-    out = ka.adapters.qgoft.apply_givens(x, stages, d, transpose=transpose)
-    rotation = reference_rotation(blocks, d)
+    out = ka.adapters.qgoft.apply_givens(
+        x, stages, d, transpose=transpose, stage_order=stage_order
+    )
+    rotation = reference_rotation(blocks, d, stage_order)
     expected = x @ (rotation.T if transpose else rotation)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(out), expected, rtol=1e-4, atol=1e-4
@@ -323,7 +342,13 @@ def test_no_penalty_without_orthogonality(adapter):
 @backend_independent
 @pytest.mark.parametrize(
     "adapter",
-    [ka.GOFT(), ka.GOFT(scale=True), ka.QGOFT(), ka.QGOFT(0.05, scale=True)],
+    [
+        ka.GOFT(),
+        ka.GOFT(scale=True),
+        ka.QGOFT(),
+        ka.QGOFT(0.05, scale=True),
+        ka.QGOFT(stage_order="stage1_first"),
+    ],
     ids=repr,
 )
 def test_config_round_trip(adapter):
@@ -360,6 +385,8 @@ def test_regularizer_config_round_trip():
         (lambda: ka.QGOFT(scale="yes"), "scale"),
         (lambda: ka.GOFT(scale=None), "scale"),
         (lambda: ka.GOFT(scale=0), "scale"),
+        (lambda: ka.GOFT(stage_order="reverse"), "stage_order"),
+        (lambda: ka.QGOFT(stage_order=None), "stage_order"),
         (lambda: ka.SoftOrthogonality(0), "strength"),
         (lambda: ka.SoftOrthogonality(-1.0), "strength"),
         (lambda: ka.SoftOrthogonality("big"), "strength"),
@@ -401,3 +428,84 @@ def test_mixed_precision_keeps_adapter_float32(adapter):
         )
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+# ------------------------------------------------------- stage order and files
+
+
+@backend_independent
+def test_orders_differ_from_d_3_and_are_transposes():
+    blocks = RNG.normal(size=(2, 2, 2))
+    authors = reference_rotation(blocks, 3, "authors")
+    stage1_first = reference_rotation(blocks, 3, "stage1_first")
+    assert np.max(np.abs(authors - stage1_first)) > 0.1
+    # Neither family contains the other: structural zeros differ.
+    assert authors[1, 2] == 0 and stage1_first[2, 1] == 0
+    transposed = reference_rotation(np.swapaxes(blocks, -1, -2), 3, "authors")
+    np.testing.assert_allclose(stage1_first, transposed.T)
+    # d = 2 has one stage: both orders agree.
+    one = RNG.normal(size=(1, 2, 2))
+    np.testing.assert_allclose(
+        reference_rotation(one, 2, "authors"),
+        reference_rotation(one, 2, "stage1_first"),
+    )
+
+
+@backend_independent
+def test_config_without_stage_order_means_stage1_first():
+    # What adapter files written before the key existed contain.
+    assert ka.QGOFT.from_config({"orthogonality": 0.01, "scale": False}) == ka.QGOFT(
+        0.01, stage_order="stage1_first"
+    )
+    assert ka.Adapter.deserialize({"method": "goft", "config": {"scale": True}}) == (
+        ka.GOFT(scale=True, stage_order="stage1_first")
+    )
+    assert ka.QGOFT().stage_order == "authors"
+
+
+OLD_FILES = os.path.join(os.path.dirname(__file__), "data", "qgoft_v1")
+
+
+@pytest.mark.parametrize(
+    "name, adapter",
+    [
+        ("qgoft", ka.QGOFT(orthogonality=1e-2, stage_order="stage1_first")),
+        ("goft_scaled", ka.GOFT(scale=True, stage_order="stage1_first")),
+    ],
+)
+def test_old_adapter_file_loads_with_its_meaning(name, adapter):
+    saved = np.load(os.path.join(OLD_FILES, f"{name}.npz"))
+    path = os.path.join(OLD_FILES, f"{name}.adapter.weights.h5")
+    spec = ka.read_adapter_spec(path)
+    assert "stage_order" not in spec["groups"][0]["adapter"]["config"]
+
+    def fresh(config=None):
+        inputs = keras.Input((5,))
+        layer = keras.layers.Dense(3, name="proj")
+        model = keras.Model(inputs, layer(inputs))
+        layer.kernel.assign(saved["kernel"])
+        layer.bias.assign(saved["bias"])
+        if config is not None:
+            ka.enable_adapter(model, config, targets="proj")
+        return model, layer
+
+    # Into a fresh base model: the file's config (no key: stage 1 first)
+    # re-creates the adapter, and the outputs are the ones saved with it.
+    model, layer = fresh()
+    ka.load_adapter_weights(model, path)
+    assert [g.adapter for g in adapter_model.adapter_groups(model)] == [adapter]
+    outputs = keras.ops.convert_to_numpy(model(saved["x"]))
+    np.testing.assert_allclose(outputs, saved["y"], rtol=1e-5, atol=1e-5)
+    # Into a model adapted in today's default order: refused, model unchanged.
+    authors = type(adapter)(**{**adapter.get_config(), "stage_order": "authors"})
+    other, other_layer = fresh(authors)
+    with pytest.raises(ValueError, match="differ from the file"):
+        ka.load_adapter_weights(other, path)
+    assert [g.adapter for g in adapter_model.adapter_groups(other)] == [authors]
+    # The same blocks in the authors' order are another matrix (d = 5).
+    for variable, value in zip(
+        ka.adapter_variables(other), ka.adapter_variables(model), strict=True
+    ):
+        variable.assign(value)
+    different = keras.ops.convert_to_numpy(other(saved["x"]))
+    assert np.max(np.abs(different - saved["y"])) > 1e-3

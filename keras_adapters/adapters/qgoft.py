@@ -4,7 +4,7 @@ Both methods adapt a kernel `W` (its `(d_in, d_out)` 2-D view, see
 `KernelView`) as `W' = R W`, where `R` is a `d x d` matrix (`d = d_in`) acting
 on the layer's input side: for a row-vector input `x`, `x W' = (x R) W`.
 
-`R = P_1 P_2 ... P_K` is a product of `K = ceil(log2 d)` stages. Stage `k`
+`R` is a product of `K = ceil(log2 d)` stages `P_1, ..., P_K`. Stage `k`
 (`k = 1..K`, stride `s = 2^(k-1)`) is the identity except for one 2x2 block on
 each coordinate pair `(i, j) = (2 s m, 2 s m + s)` with `j < d`:
 
@@ -14,9 +14,28 @@ each coordinate pair `(i, j) = (2 s m, 2 s m + s)` with `j < d`:
 So stage 1 pairs `(0, 1), (2, 3), ...`, stage 2 pairs `(0, 2), (4, 6), ...`,
 stage 3 pairs `(0, 4), (8, 12), ...`: a binary reduction tree with exactly
 `d - 1` blocks for any `d` (the paper's Eq. 3, extended to widths that are
-not powers of two). With row vectors, `x R = (((x P_1) P_2) ... ) P_K`:
-**stage 1 is applied to `x` first**. The blocks are stored in that order
-(stage 1's blocks first, each stage's blocks by increasing `m`).
+not powers of two). The blocks are stored stage by stage (stage 1's blocks
+first, each stage's blocks by increasing `m`), as the authors' code stores
+them.
+
+Stage order (`stage_order`):
+
+- `"authors"` (the default): `R = P_K ... P_2 P_1`, so with row vectors
+  `x R = (((x P_K) P_(K-1)) ... ) P_1`: **stage K (the widest stride) is
+  applied to `x` first**. This is the official code (ArthurLeoM/peft-givens,
+  `tuners/givens/layer.py`: `rot_weight = P_r @ rot_weight` for `r = 1..K`,
+  then `F.linear(x, rot_weight.T)`), and what its saved blocks mean.
+- `"stage1_first"`: `R = P_1 P_2 ... P_K` (stage 1 applied first), the
+  order of keras_adapters before adapter files recorded a `stage_order`;
+  an adapter config without the key (a file written then) loads with it, so
+  old files give the outputs they gave when they were saved.
+
+The two orders give different matrices for the same blocks when `d >= 3`,
+and neither family contains the other (for `d = 3`, `P_1 P_2` is always 0 at
+`[2, 1]` and `P_2 P_1` at `[1, 2]`), so blocks cannot be converted exactly
+from one order to the other. Transposition maps one onto the other:
+`(P_1 ... P_K)^T = P_K^T ... P_1^T`, so the `"stage1_first"` matrix of
+blocks `G_i` is the transpose of the `"authors"` matrix of blocks `G_i^T`.
 
 `R` is never built. Stage by stage on the activations, only the coordinates
 a stage touches change (`ceil(d / 2^(k-1))` of them at stage `k`), so applying
@@ -65,7 +84,12 @@ def _mix(a, b, block, transpose):
     return a * g00 + b * g10, a * g01 + b * g11
 
 
-def apply_givens(x, blocks, d: int, transpose: bool = False):
+STAGE_ORDERS = ("authors", "stage1_first")
+
+
+def apply_givens(
+    x, blocks, d: int, transpose: bool = False, stage_order: str = "authors"
+):
     """`x R` (or `x R^T` with `transpose=True`) for a `(n, d)` float tensor `x`.
 
     Args:
@@ -75,13 +99,20 @@ def apply_givens(x, blocks, d: int, transpose: bool = False):
         d: the width.
         transpose: apply `R^T` instead of `R` (the stages in reverse order,
             each block transposed).
+        stage_order: `"authors"` (`R = P_K ... P_1`) or `"stage1_first"`
+            (`R = P_1 ... P_K`); see the module docstring.
 
     The coordinates a stage pairs are the even and odd entries of its active
     coordinates, so each stage is a reshape to `(n, pairs, 2)`; the unpaired
     entries (the odd ones and, for an odd count, the last one) are set aside
-    and interleaved back on the way out. Shapes are static; the loop over the
-    stages unrolls at trace time.
+    on the way down (stage 1 to K) and interleaved back on the way up (stage
+    K to 1). A stage's blocks are applied on the way down when stage 1 comes
+    first in the product being applied (`x P_1 ...`: `"stage1_first"`, or
+    `"authors"` transposed), on the way up otherwise. Shapes are static; the
+    loops over the stages unroll at trace time.
     """
+    _validation.check_choice("stage_order", stage_order, STAGE_ORDERS)
+    on_the_way_down = (stage_order == "stage1_first") != bool(transpose)
     stages = givens_stages(d)
     odd_entries = []
     active = x
@@ -90,8 +121,8 @@ def apply_givens(x, blocks, d: int, transpose: bool = False):
         if count > 2 * pairs:
             head, rest = ops.split(active, [2 * pairs], axis=-1)
         a, b = ops.unstack(ops.reshape(head, (-1, pairs, 2)), 2, axis=-1)
-        if not transpose:
-            a, b = _mix(a, b, block, transpose=False)
+        if on_the_way_down:
+            a, b = _mix(a, b, block, transpose)
         odd_entries.append(b)
         active = a if count == 2 * pairs else ops.concatenate([a, rest], axis=-1)
     for (count, pairs), block, b in reversed(
@@ -100,8 +131,8 @@ def apply_givens(x, blocks, d: int, transpose: bool = False):
         a = active
         if count > 2 * pairs:
             a, rest = ops.split(active, [pairs], axis=-1)
-        if transpose:
-            a, b = _mix(a, b, block, transpose=True)
+        if not on_the_way_down:
+            a, b = _mix(a, b, block, transpose)
         merged = ops.reshape(ops.stack([a, b], axis=-1), (-1, 2 * pairs))
         active = merged if count == 2 * pairs else ops.concatenate([merged, rest], -1)
     return active
@@ -150,8 +181,19 @@ class _GivensAdapter(Adapter):
     strict = True
     orthogonality = 0.0
 
-    def _check_scale(self, scale):
+    def _check_scale(self, scale, stage_order):
         self.scale = _validation.check_bool("scale", scale)
+        self.stage_order = _validation.check_choice(
+            "stage_order", stage_order, STAGE_ORDERS
+        )
+
+    @classmethod
+    def from_config(cls, config):
+        # Configs written before `stage_order` existed (adapter files, .keras
+        # files) meant stage 1 first: keep their meaning.
+        if isinstance(config, dict) and "stage_order" not in config:
+            config = {**config, "stage_order": "stage1_first"}
+        return super().from_config(config)
 
     def validate(self, kernel):
         if kernel.d_in < 2:
@@ -216,7 +258,11 @@ class _GivensAdapter(Adapter):
         if scale is not None:
             matrix = matrix * ops.expand_dims(scale, -1)
         rows = apply_givens(
-            ops.transpose(matrix), self.stage_blocks(weights), matrix.shape[0], True
+            ops.transpose(matrix),
+            self.stage_blocks(weights),
+            matrix.shape[0],
+            transpose=True,
+            stage_order=self.stage_order,
         )
         return ops.transpose(rows)
 
@@ -225,7 +271,12 @@ class _GivensAdapter(Adapter):
         scale = self._scale_vector(weights)
 
         def transform(x):
-            y = apply_givens(ops.cast(x, "float32"), blocks, kernel.d_in)
+            y = apply_givens(
+                ops.cast(x, "float32"),
+                blocks,
+                kernel.d_in,
+                stage_order=self.stage_order,
+            )
             if scale is not None:
                 y = y * scale
             return ops.cast(y, kernel.compute_dtype)
@@ -249,7 +300,10 @@ class _GivensAdapter(Adapter):
                 g00, g01, g10, g11 = coefficients[index]
                 step[i, i], step[i, j], step[j, i], step[j, j] = g00, g01, g10, g11
                 index += 1
-            rotation = rotation @ step
+            if self.stage_order == "authors":
+                rotation = step @ rotation  # R = P_K ... P_1
+            else:
+                rotation = rotation @ step  # R = P_1 ... P_K
         if self.scale:
             matrix = matrix * values[self.method + "_scale"][:, None]
         return rotation @ matrix
@@ -261,8 +315,9 @@ class GOFT(_GivensAdapter):
 
     `R` is the product of `ceil(log2 d)` stages of disjoint Givens rotations
     on the input dimension `d = d_in` (`d - 1` rotations in all; see the
-    module docstring for the pairing and the order: for a row-vector input,
-    stage 1 is applied first). Its block is the Givens rotation
+    module docstring for the pairing and the order: by default the authors'
+    `R = P_K ... P_1`, so for a row-vector input the widest-stride stage is
+    applied first). Its block is the Givens rotation
     `[[cos theta, -sin theta], [sin theta, cos theta]]` (the paper's sign
     convention), so `R` is exactly orthogonal.
 
@@ -286,13 +341,18 @@ class GOFT(_GivensAdapter):
         scale: bool; adds a learnable per-coordinate scale `c` of size `d`
             (init ones) after the rotation: `x W' = ((x R) * c) W`, that is
             `W' = R diag(c) W` (the paper's GOFT* norm scaling; the official
-            code enables it by default, here it is off).
+            code's GOFT has it by default, `no_scaling=False`; here it is
+            off).
+        stage_order: `"authors"` (default; `R = P_K ... P_1`, the official
+            code's order) or `"stage1_first"` (`R = P_1 ... P_K`, this
+            library's order before it recorded one; configs without the key
+            load with it).
 
     Example:
 
     >>> import keras_adapters as ka
     >>> ka.GOFT()
-    GOFT(scale=False)
+    GOFT(scale=False, stage_order='authors')
 
     Reference:
         Ma et al., "Parameter Efficient Quasi-Orthogonal Fine-Tuning via
@@ -303,8 +363,8 @@ class GOFT(_GivensAdapter):
     strict = True
     variable_axes = {"goft_cayley": (None,), "goft_scale": ("in",)}
 
-    def __init__(self, scale: bool = False):
-        self._check_scale(scale)
+    def __init__(self, scale: bool = False, stage_order: str = "authors"):
+        self._check_scale(scale, stage_order)
 
     @classmethod
     def example(cls):
@@ -312,7 +372,7 @@ class GOFT(_GivensAdapter):
         return cls(scale=True)
 
     def get_config(self):
-        return {"scale": self.scale}
+        return {"scale": self.scale, "stage_order": self.stage_order}
 
 
 @register_adapter
@@ -333,14 +393,18 @@ class QGOFT(_GivensAdapter):
             disables it. The paper uses 1e-3 to 5e-2 (0.5 hurts).
         scale: bool; adds a learnable per-coordinate scale `c` of size `d`
             (init ones) after the rotation: `x W' = ((x R) * c) W`, that is
-            `W' = R diag(c) W` (the paper's GOFT* norm scaling; the official
-            code enables it by default, here it is off).
+            `W' = R diag(c) W` (the paper's GOFT* norm scaling, an option
+            here; the official code has no scale for qGOFT, only for GOFT).
+        stage_order: `"authors"` (default; `R = P_K ... P_1`, the official
+            code's order) or `"stage1_first"` (`R = P_1 ... P_K`, this
+            library's order before it recorded one; configs without the key
+            load with it).
 
     Example:
 
     >>> import keras_adapters as ka
     >>> ka.QGOFT(orthogonality=1e-2)
-    QGOFT(orthogonality=0.01, scale=False)
+    QGOFT(orthogonality=0.01, scale=False, stage_order='authors')
 
     Reference:
         Ma et al., "Parameter Efficient Quasi-Orthogonal Fine-Tuning via
@@ -351,15 +415,24 @@ class QGOFT(_GivensAdapter):
     strict = False
     variable_axes = {"qgoft_blocks": (None, None, None), "qgoft_scale": ("in",)}
 
-    def __init__(self, orthogonality: float = 1e-3, scale: bool = False):
+    def __init__(
+        self,
+        orthogonality: float = 1e-3,
+        scale: bool = False,
+        stage_order: str = "authors",
+    ):
         self.orthogonality = float(
             _validation.check_number("orthogonality", orthogonality, low=0)
         )
-        self._check_scale(scale)
+        self._check_scale(scale, stage_order)
 
     @classmethod
     def example(cls):
         return cls(orthogonality=1e-2)
 
     def get_config(self):
-        return {"orthogonality": self.orthogonality, "scale": self.scale}
+        return {
+            "orthogonality": self.orthogonality,
+            "scale": self.scale,
+            "stage_order": self.stage_order,
+        }
