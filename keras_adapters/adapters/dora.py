@@ -254,6 +254,11 @@ class DoRA(LowRankAdapter):
         In the compute dtype: the float32 factors and `m / ||V||_c` are
         cast down, the activations are not cast up.
         """
+        # (The name scope labels the adapter's ops in profiles and graphs.)
+        with keras.name_scope(self.method):
+            return self._call(weights, kernel, inputs, training)
+
+    def _call(self, weights, kernel, inputs, training):
         dtype = kernel.compute_dtype
         scale = ops.cast(self.magnitude_scale(weights, kernel), dtype)
         outputs = kernel.project(inputs)

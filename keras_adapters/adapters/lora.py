@@ -284,21 +284,26 @@ class LoRA(LowRankAdapter):
         The float32 factors are cast to the compute dtype (the scale folded
         into `B` first), not the activations up to float32.
         """
-        dtype = kernel.compute_dtype
-        x = ops.cast(inputs, dtype)
-        dropped = x
-        if training and self.dropout > 0:
-            dropped = keras.random.dropout(
-                x, self.dropout, seed=weights["lora_dropout_seed"]
-            )
-        hidden = kernel.contract_inputs(dropped, ops.cast(weights["lora_a"], dtype))
-        delta = kernel.expand_outputs(hidden, _scaled(weights["lora_b"], self, dtype))
-        if "lora_a0" in weights:
-            start = kernel.contract_inputs(x, ops.cast(weights["lora_a0"], dtype))
-            delta = delta - kernel.expand_outputs(
-                start, _scaled(weights["lora_b0"], self, dtype)
-            )
-        return delta
+        # (The name scope labels the adapter's ops in profiles and graphs.)
+        with keras.name_scope(self.method):
+            dtype = kernel.compute_dtype
+            x = ops.cast(inputs, dtype)
+            dropped = x
+            if training and self.dropout > 0:
+                dropped = keras.random.dropout(
+                    x, self.dropout, seed=weights["lora_dropout_seed"]
+                )
+            a = ops.cast(weights["lora_a"], dtype)
+            hidden = kernel.contract_inputs(dropped, a)
+            b = _scaled(weights["lora_b"], self, dtype)
+            delta = kernel.expand_outputs(hidden, b)
+            if "lora_a0" in weights:
+                a0 = ops.cast(weights["lora_a0"], dtype)
+                b0 = _scaled(weights["lora_b0"], self, dtype)
+                delta = delta - kernel.expand_outputs(
+                    kernel.contract_inputs(x, a0), b0
+                )
+            return delta
 
     def per_example_factors(self, weights, kernel):
         a, b = weights["lora_a"], weights["lora_b"]
