@@ -164,8 +164,11 @@ def classify(instruction, computations):
     opcodes = {p["opcode"] for p in parts}
     names = " ".join(p["op_name"].lower() for p in parts)
     targets = " ".join(p["target"].lower() for p in parts)
-    if re.search(r"(?:^|/)(?:adam_?w?|sgd|lion|adafactor|lamb|rms_?prop|"
-                 r"optimizer|loss_scale_optimizer|lr_multipliers)(?:/|$)", names):
+    if re.search(
+        r"(?:^|/)(?:adam_?w?|sgd|lion|adafactor|lamb|rms_?prop|"
+        r"optimizer|loss_scale_optimizer|lr_multipliers)(?:/|$)",
+        names,
+    ):
         return "optimizer"
     # LoRA.delta and DoRA.call run under a name scope named after the
     # method; backward ops keep the forward op's name.
@@ -178,7 +181,9 @@ def classify(instruction, computations):
         return "matmul"
     if (
         opcodes & _RNG_OPS
-        or re.search(r"threefry|random_bits|_uniform|_bernoulli|stateless_random", names)
+        or re.search(
+            r"threefry|random_bits|_uniform|_bernoulli|stateless_random", names
+        )
         or "threefry" in targets
     ):
         return "dropout RNG"
@@ -291,7 +296,7 @@ def profile(args):
     per_class = {c: {"ms_per_step": 0.0, "ops": 0} for c in CLASSES}
     top = []
     unmatched_ns = 0.0
-    for name, (total_ns, count) in times.items():
+    for name, (total_ns, _count) in times.items():
         instruction = by_name.get(name)
         if instruction is None:
             if not name.startswith(("Thunk", "Threadpool", "end:")):
@@ -340,14 +345,19 @@ def print_report(result):
         )
     print("\nlargest ops:")
     for op in result["top_ops"][:12]:
-        print(f"  {op['ms_per_step']:8.1f} ms  {op['class']:<18} {op['name']:<28} {op['op_name']}")
+        print(
+            f"  {op['ms_per_step']:8.1f} ms  {op['class']:<18} {op['name']:<28} "
+            f"{op['op_name']}"
+        )
     if result["cost_analysis"]:
         print("\nXLA cost analysis:", result["cost_analysis"])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="lora", choices=sorted(bench_methods.METHODS))
+    parser.add_argument(
+        "--method", default="lora", choices=sorted(bench_methods.METHODS)
+    )
     parser.add_argument("--steps", type=int, default=5, help="profiled steps; 5")
     parser.add_argument("--warmup", type=int, default=2, help="steps before; 2")
     parser.add_argument(
@@ -382,7 +392,10 @@ def main(argv=None):
     finally:
         shutil.rmtree(_DUMP, ignore_errors=True)
     print_report(result)
-    config = {k: getattr(args, k) for k in ("method", "steps", "warmup", "prng", "policy", "dropout")}
+    config = {
+        k: getattr(args, k)
+        for k in ("method", "steps", "warmup", "prng", "policy", "dropout")
+    }
     name = "profile" + (f"-{args.variant}" if args.variant else "")
     write_json({**metadata(), "config": config, **result}, args.output, name)
     return result

@@ -41,14 +41,17 @@ def policy(request):
 
 
 def numpy(x):
-    return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")), "float64")
+    return np.asarray(
+        keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")), "float64"
+    )
 
 
 def adapted(method):
-    """`(model, layer, x, values)`: the adapted layer in its model (built under the current
-    policy) with random, sizable adapter values; inputs in the compute
-    dtype; the float64 values of the inputs (`x`), the base kernel and the
-    adapter variables (by short name: `lora_a`, ...)."""
+    """`(model, layer, x, values)`: the adapted layer (built under the
+    current policy) in a model taking inputs of the compute dtype, with
+    random, sizable adapter values; inputs in the compute dtype; the
+    float64 values of the inputs (`x`), the base kernel and the adapter
+    variables (by short name: `lora_a`, ...)."""
     model, layer, _ = single_layer.build(LAYOUT)
     values = {"kernel": numpy(layer.kernel)}
     ka.enable_adapter(model, METHODS[method](), targets="proj")

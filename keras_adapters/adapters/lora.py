@@ -300,9 +300,7 @@ class LoRA(LowRankAdapter):
             if "lora_a0" in weights:
                 a0 = ops.cast(weights["lora_a0"], dtype)
                 b0 = _scaled(weights["lora_b0"], self, dtype)
-                delta = delta - kernel.expand_outputs(
-                    kernel.contract_inputs(x, a0), b0
-                )
+                delta = delta - kernel.expand_outputs(kernel.contract_inputs(x, a0), b0)
             return delta
 
     def per_example_factors(self, weights, kernel):
