@@ -159,6 +159,10 @@ def worker_keras(args):
 
     sys.path.insert(0, str(HERE))
     import bench_methods
+    from _common import apply_jax_config
+
+    if keras.backend.backend() == "jax":
+        apply_jax_config(args.jax_config)
 
     if args.policy:
         keras.config.set_dtype_policy(args.policy)
@@ -253,6 +257,8 @@ def run_all(args):
         keras_extra += ["--prng", args.prng]
     if args.policy:
         keras_extra += ["--policy", args.policy]
+    for item in args.jax_config:
+        keras_extra += ["--jax-config", item]
     methods = ["lora", "full"] if args.full else ["lora"]
     if args.torch_python:
         for method in methods:
@@ -350,6 +356,13 @@ def main(argv=None):
     parser.add_argument("--tf-cache", action="store_true", help="cold+warm TF cache")
     parser.add_argument("--prng", default=None, help="JAX PRNG implementation")
     parser.add_argument("--policy", default=None, help="Keras dtype policy")
+    parser.add_argument(
+        "--jax-config",
+        action="append",
+        default=[],
+        help="jax_NAME=VALUE for the JAX runs, e.g. "
+        "jax_threefry_partitionable=false (repeatable)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 timed steps")
     parser.add_argument("--steps", type=int, default=None, help="timed steps; 20")
     parser.add_argument("--warmup", type=int, default=2)
@@ -389,6 +402,7 @@ def main(argv=None):
             "steps": args.steps,
             "warmup": args.warmup,
             "prng": args.prng,
+            "jax_config": args.jax_config,
             "policy": args.policy,
         },
         "runs": runs,

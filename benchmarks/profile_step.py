@@ -55,6 +55,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import apply_jax_config  # noqa: E402
 from _common import make_batch  # noqa: E402
 from _common import metadata  # noqa: E402
 from _common import write_json  # noqa: E402
@@ -366,6 +367,12 @@ def main(argv=None):
         choices=("threefry2x32", "rbg", "unsafe_rbg"),
         help="JAX's default PRNG implementation (JAX only)",
     )
+    parser.add_argument(
+        "--jax-config",
+        action="append",
+        default=[],
+        help="jax_NAME=VALUE, e.g. jax_threefry_partitionable=false (repeatable)",
+    )
     parser.add_argument("--policy", default=None, help="Keras dtype policy")
     parser.add_argument(
         "--dropout", type=float, default=None, help="the backbone's dropout rate"
@@ -380,11 +387,14 @@ def main(argv=None):
         import jax
 
         jax.config.update("jax_default_prng_impl", args.prng)
+    if args.jax_config and BACKEND != "jax":
+        parser.error("--jax-config applies to the JAX backend only")
+    apply_jax_config(args.jax_config)
     if args.policy:
         keras.config.set_dtype_policy(args.policy)
     print(
         f"backend={BACKEND} method={args.method} prng={args.prng} "
-        f"policy={args.policy} cpus={os.cpu_count()}",
+        f"policy={args.policy} jax_config={args.jax_config} cpus={os.cpu_count()}",
         flush=True,
     )
     try:
@@ -394,7 +404,15 @@ def main(argv=None):
     print_report(result)
     config = {
         k: getattr(args, k)
-        for k in ("method", "steps", "warmup", "prng", "policy", "dropout")
+        for k in (
+            "method",
+            "steps",
+            "warmup",
+            "prng",
+            "jax_config",
+            "policy",
+            "dropout",
+        )
     }
     name = "profile" + (f"-{args.variant}" if args.variant else "")
     write_json({**metadata(), "config": config, **result}, args.output, name)
