@@ -1,6 +1,7 @@
 """Sessions: `nox -s tests` (both backends), `lint`, `demo`, `serve`, `docs`,
-`figures`, `release`, `benchmarks`, the paper workflows `study`, `lp_ft`,
-`teacher_student`, and `studies` (the papers' claims with seeds and intervals).
+`figures`, `release`, `benchmarks`, `bench_peft`, the paper workflows `study`,
+`lp_ft`, `teacher_student`, and `studies` (the papers' claims with seeds and
+intervals).
 
 Virtual environments are reused between runs, and uv (when installed, as with
 `pip install "nox[uv]"`) links packages from its cache, so the second backend's
@@ -155,6 +156,37 @@ def benchmarks(session, backend):
     _install(session)
     for script in sorted(glob.glob("benchmarks/bench_*.py")):
         session.run("python", script, *session.posargs, env={"KERAS_BACKEND": backend})
+
+
+@nox.session
+def bench_peft(session):
+    """LoRA step, first step, inference and memory against PyTorch + PEFT.
+
+    Installs CPU PyTorch, transformers and peft in an environment of their
+    own (never in the one with TensorFlow), then runs
+    `benchmarks/bench_vs_peft.py`: PEFT, then keras_adapters under JAX and
+    TensorFlow, one after another. Options after `--` (e.g. `-- --full
+    --jax-cache --quick`); results in benchmarks/results/vs-peft.json.
+    """
+    torch_env = pathlib.Path(session.virtualenv.location).with_name("bench_peft-torch")
+    torch_python = str(torch_env / "bin" / "python")
+    if not pathlib.Path(torch_python).exists():
+        session.run("uv", "venv", "--quiet", str(torch_env), external=True)
+    session.run(
+        "uv", "pip", "install", "--quiet", "--python", torch_python,
+        "--index-url", "https://download.pytorch.org/whl/cpu",
+        "--extra-index-url", "https://pypi.org/simple",
+        "torch", "transformers", "peft", "numpy",
+        external=True,
+    )  # fmt: skip
+    _install(session)
+    session.run(
+        "python",
+        "benchmarks/bench_vs_peft.py",
+        "--torch-python",
+        torch_python,
+        *session.posargs,
+    )
 
 
 @nox.session

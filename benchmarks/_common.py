@@ -77,3 +77,31 @@ def write_json(result, output, name):
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def parse_jax_config(items):
+    """`[(name, value)]` from `NAME=VALUE` strings (`true`/`false` become
+    bools, digits ints)."""
+    pairs = []
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("jax_"):
+            raise ValueError(f"--jax-config takes jax_NAME=VALUE; received {item!r}.")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            value = lowered == "true"
+        elif value.isdigit():
+            value = int(value)
+        pairs.append((name, value))
+    return pairs
+
+
+def apply_jax_config(items):
+    """Applies `--jax-config` settings (see `parse_jax_config`) to JAX."""
+    pairs = parse_jax_config(items)
+    if pairs:
+        import jax
+
+        for name, value in pairs:
+            jax.config.update(name, value)
+    return dict(pairs)

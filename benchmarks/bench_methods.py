@@ -82,8 +82,10 @@ DESCRIPTIONS = {
 }
 
 
-def prepare(method):
-    model = build_classifier()
+def prepare(method, dropout=None):
+    """The benchmark model with `method` applied, compiled; `dropout`
+    overrides the backbone's dropout rate (0.1)."""
+    model = build_classifier(**({} if dropout is None else {"dropout": dropout}))
     METHODS[method](model)
     model.compile(
         optimizer=keras.optimizers.AdamW(1e-4),

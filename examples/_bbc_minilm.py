@@ -212,3 +212,41 @@ def tokenize(
     if labels is not None:
         out["labels"] = np.asarray(labels, dtype="int32")
     return out
+
+
+def apply_speed_recipes(cache_dir: str | None = "outputs/jax_cache") -> dict[str, Any]:
+    """Applies the JAX speed recipes of docs/performance.md (JAX backend only).
+
+    Call it before the first model is compiled. Under the JAX backend it sets:
+
+    - `jax_compilation_cache_dir` to `cache_dir` (unless `None`), with
+      `jax_persistent_cache_min_compile_time_secs=1.0`: a second run of the
+      same script loads its compiled training step instead of compiling it;
+    - `jax_threefry_partitionable=False`: the same threefry generator with a
+      lowering that draws dropout masks several times faster on CPU (one
+      device; keep the default when sharding a model over devices).
+
+    Under other backends it changes nothing.
+
+    Args:
+        cache_dir: directory of the persistent compilation cache, or `None`
+            for no cache.
+
+    Returns:
+        A dict of the JAX settings applied (empty under other backends).
+    """
+    if cache_dir is not None and not isinstance(cache_dir, str):
+        raise ValueError(f"`cache_dir` must be a str or None. Got: {cache_dir!r}")
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return {}
+    import jax
+
+    settings: dict[str, Any] = {"jax_threefry_partitionable": False}
+    if cache_dir is not None:
+        settings["jax_compilation_cache_dir"] = cache_dir
+        settings["jax_persistent_cache_min_compile_time_secs"] = 1.0
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    return settings

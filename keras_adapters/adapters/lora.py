@@ -71,8 +71,11 @@ class LoRA(LowRankAdapter):
 
     Training uses the activation path `x W + s ((dropout(x) A) B)`: the
     adapted kernel is never built, and the weight gradient of the frozen
-    kernel is never computed. The adapter math runs in float32 under mixed
-    precision. Merging computes `W + s A B` exactly.
+    kernel is never computed. Under mixed precision the factors stay float32
+    variables and are cast down to the compute dtype for the activation
+    path, so no float32 copy of the activations is made or kept for the
+    backward pass (as PyTorch autocast runs PEFT's LoRA). Merging computes
+    `W + s A B` exactly, in float32.
 
     `init` starts `A` and `B` from the base kernel instead (see
     docs/methods/lora_initializations.md): `"pissa"` (its top singular
@@ -274,21 +277,31 @@ class LoRA(LowRankAdapter):
         return matrix + self.delta_matrix(weights)
 
     def delta(self, weights, kernel, inputs, training=None):
-        """`s (dropout(x) A) B` in the layer's output layout, in float32;
-        minus `s (x A0) B0` with an `init` that keeps the initial factors
-        (without dropout: PEFT's residual base sees `x`)."""
-        x = ops.cast(inputs, "float32")
-        dropped = x
-        if training and self.dropout > 0:
-            dropped = keras.random.dropout(
-                x, self.dropout, seed=weights["lora_dropout_seed"]
-            )
-        hidden = kernel.contract_inputs(dropped, weights["lora_a"]) * self.scale
-        delta = kernel.expand_outputs(hidden, weights["lora_b"])
-        if "lora_a0" in weights:
-            start = kernel.contract_inputs(x, weights["lora_a0"]) * self.scale
-            delta = delta - kernel.expand_outputs(start, weights["lora_b0"])
-        return delta
+        """`s (dropout(x) A) B` in the layer's output layout, in the layer's
+        compute dtype; minus `s (x A0) B0` with an `init` that keeps the
+        initial factors (without dropout: PEFT's residual base sees `x`).
+
+        The float32 factors are cast to the compute dtype (the scale folded
+        into `B` first), not the activations up to float32.
+        """
+        # (The name scope labels the adapter's ops in profiles and graphs.)
+        with keras.name_scope(self.method):
+            dtype = kernel.compute_dtype
+            x = ops.cast(inputs, dtype)
+            dropped = x
+            if training and self.dropout > 0:
+                dropped = keras.random.dropout(
+                    x, self.dropout, seed=weights["lora_dropout_seed"]
+                )
+            a = ops.cast(weights["lora_a"], dtype)
+            hidden = kernel.contract_inputs(dropped, a)
+            b = _scaled(weights["lora_b"], self, dtype)
+            delta = kernel.expand_outputs(hidden, b)
+            if "lora_a0" in weights:
+                a0 = ops.cast(weights["lora_a0"], dtype)
+                b0 = _scaled(weights["lora_b0"], self, dtype)
+                delta = delta - kernel.expand_outputs(kernel.contract_inputs(x, a0), b0)
+            return delta
 
     def per_example_factors(self, weights, kernel):
         a, b = weights["lora_a"], weights["lora_b"]
@@ -463,6 +476,11 @@ class LoRA(LowRankAdapter):
             "lora_a": np.concatenate(a_blocks, axis=1),
             "lora_b": np.concatenate(b_blocks, axis=0),
         }
+
+
+def _scaled(factor, adapter, dtype):
+    """`s B` computed in float32, then cast to the compute dtype `dtype`."""
+    return ops.cast(ops.multiply(factor, adapter.scale), dtype)
 
 
 def _init_from_peft(value):
