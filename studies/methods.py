@@ -65,13 +65,21 @@ def configure(name):
 
 def main(argv=None):
     p = harness.parser(__doc__.splitlines()[0])
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated; default every method (--quick: lora,qgoft)",
+    )
     p.add_argument("--shots", type=int, default=8)
     p.add_argument("--epochs", type=int, default=10)
     args = p.parse_args(argv)
     study = harness.open_study("methods", args)
     seeds = list(range(args.seeds or (2 if args.quick else 5)))
     shots, epochs, length = (4, 2, 32) if args.quick else (args.shots, args.epochs, 64)
+    if args.methods is None:
+        # A smoke run compiles MiniLM once per method: two show the paired
+        # comparison; the study itself runs every method.
+        args.methods = "lora,qgoft" if args.quick else ",".join(METHODS)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in METHODS:
