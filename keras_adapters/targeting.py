@@ -143,7 +143,7 @@ def _matchers(targets):
 
 
 def candidate_layers(model):
-    """`[(layer, parent)]` for every Dense/EinsumDense layer in `model`."""
+    """`[(layer, parent)]` for every layer of `model` adapters attach to."""
     return [
         (layer, parent)
         for layer, parent in internals.layers_with_parents(model)
@@ -184,6 +184,6 @@ def _describe_candidates(model, limit=40):
         role = attention_role(layer, parent)
         rows.append(f"  {layer.path}" + (f"  (role: {role})" if role else ""))
     if not rows:
-        return "The model has no Dense or EinsumDense layers."
+        return "The model has no layer adapters attach to."
     more = f"\n  ... and {len(rows) - limit} more" if len(rows) > limit else ""
     return "Candidate layers (path, role):\n" + "\n".join(rows[:limit]) + more
