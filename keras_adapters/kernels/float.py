@@ -25,6 +25,9 @@ class FloatKernel(KernelView):
     """
 
     quantized = False
+    # Whether the layer also projects with its kernel transposed (a tied
+    # `ReversibleEmbedding`; see `EmbeddingKernel`).
+    transposable = False
 
     def __init__(self, layer):
         equation = (
