@@ -165,13 +165,17 @@ def _tied_lm(seed):
     causal `Conv1D` mixing positions."""
     keras.utils.set_random_seed(seed)
     token_ids = keras.Input((SEQ,), dtype="int32", name="token_ids")
+    # Unit-scale rows, so that the base logits are far from uniform and
+    # multiplicative methods (HUT, the orthogonal ones) have signal too.
     embedding = keras_hub.layers.ReversibleEmbedding(
-        VOCAB, 8, logit_soft_cap=30.0, name="token_embedding"
+        VOCAB,
+        8,
+        logit_soft_cap=30.0,
+        embeddings_initializer=keras.initializers.RandomNormal(stddev=1.0),
+        name="token_embedding",
     )
     x = embedding(token_ids)
-    x = keras.layers.Conv1D(
-        8, 3, padding="causal", activation="gelu", name="mixer"
-    )(x)
+    x = keras.layers.Conv1D(8, 3, padding="causal", activation="gelu", name="mixer")(x)
     logits = embedding(x, reverse=True)
     return keras.Model(token_ids, logits, name="tied_lm")
 
