@@ -263,7 +263,7 @@ def test_every_architecture_has_an_mlp_table():
 @pytest.mark.parametrize("architecture", sorted(MLP_ARCHITECTURES))
 def test_mlp_roles_find_each_projection(architecture):
     backbone = MLP_ARCHITECTURES[architecture]()
-    for role, name in zip(("gate", "up", "down"), MLP_NAMES[architecture]):
+    for role, name in zip(("gate", "up", "down"), MLP_NAMES[architecture], strict=True):
         if name is None:
             with pytest.raises(ValueError, match=rf"mlp\('{role}',\) matches no"):
                 ka.targeting.resolve_targets(backbone, ka.mlp(role))
@@ -272,9 +272,12 @@ def test_mlp_roles_find_each_projection(architecture):
         assert {layer.name for layer, _ in hits} == {name}, architecture
         assert all(isinstance(layer, SUPPORTED_LAYERS) for layer, _ in hits)
     # Attention and MLP roles never overlap.
-    attention = {id(layer) for layer, _ in ka.targeting.resolve_targets(
-        backbone, ka.attention("attention_output")
-    )}
+    attention = {
+        id(layer)
+        for layer, _ in ka.targeting.resolve_targets(
+            backbone, ka.attention("attention_output")
+        )
+    }
     assert not attention & {
         id(layer) for layer, _ in ka.targeting.resolve_targets(backbone, ka.mlp())
     }
@@ -312,9 +315,7 @@ def test_adaptable_layers_lists_kinds_roles_and_methods():
     assert "qgoft" in kinds["conv"]["methods"]
     assert "qgoft" not in kinds["embedding"]["methods"]
     assert {"lora", "dora", "hut"} <= set(kinds["embedding"]["methods"])
-    assert report.paths(kind="conv") == [
-        "vit_patching_and_embedding/patch_embedding"
-    ]
+    assert report.paths(kind="conv") == ["vit_patching_and_embedding/patch_embedding"]
     text = str(report)
     assert "patch" not in text  # a summary per kind, not per layer
     assert all(kind in text for kind in kinds)
