@@ -38,6 +38,7 @@ from cases import predict
 from cases import quantized_bert
 
 import keras_adapters as ka
+from keras_adapters import _keras_internals as internals
 from keras_adapters import layers as adapter_layers
 from keras_adapters.adapters.base import ADAPTER_METHODS
 from keras_adapters.adapters.base import numpy_values
@@ -473,13 +474,22 @@ class PrecisionMatrix:
         # float16 with loss scaling, the stricter of the two mixed policies;
         # mixed_bfloat16 is checked with LoRA (test_precision_and_data.py) and
         # on an int8 base (test_quantized.py).
+        self._check_mixed_precision(method, dtype_policy, "bert")
+
+    def test_mixed_precision_on_embeddings_and_convolutions(self, method, dtype_policy):
+        # The tied embedding (float32 table, float16 lookups, the reverse
+        # projection) and a causal Conv1D.
+        self._check_mixed_precision(method, dtype_policy, "tied_lm")
+
+    @staticmethod
+    def _check_mixed_precision(method, dtype_policy, model_id):
         dtype_policy("mixed_float16")
-        case = MODELS["bert"]
+        case = MODELS[model_id]
         model = case.build(0)
         ka.enable_adapter(model, example(method), targets=case.targets)
         assert all(v.dtype == "float32" for v in ka.adapter_variables(model))
         adapted = ka.adapted_layers(model)
-        kernel_dtypes = [layer._kernel.dtype for layer in adapted]
+        kernel_dtypes = [internals.kernel_variable(la).dtype for la in adapted]
         model.compile(
             optimizer=keras.optimizers.Adam(1e-2), loss=case.loss, jit_compile=True
         )
@@ -488,7 +498,9 @@ class PrecisionMatrix:
         assert all(v.dtype == "float32" for v in ka.adapter_variables(model))
         before_merge = np.asarray(model(case.x, training=False), "float32")
         ka.merge_adapters(model)
-        assert [layer._kernel.dtype for layer in adapted] == kernel_dtypes
+        assert [internals.kernel_variable(la).dtype for la in adapted] == (
+            kernel_dtypes
+        )
         after_merge = np.asarray(model(case.x, training=False), "float32")
         # Half-precision compute: merged and unmerged agree to its resolution.
         np.testing.assert_allclose(after_merge, before_merge, atol=0.1, rtol=0.05)
@@ -496,7 +508,7 @@ class PrecisionMatrix:
 
 # --------------------------------------------------------------- other backend
 
-CROSS_MODELS = ("bert", "gemma")
+CROSS_MODELS = ("bert", "gemma", "vit", "tied_lm")
 
 
 class CrossBackendMatrix:
