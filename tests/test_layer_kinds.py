@@ -6,13 +6,19 @@ matrix does not: the math of each kind against formulas written out here in
 NumPy (PEFT's embedding and conv LoRA), which calls train adapter dropout,
 that LoRA on a lookup never builds the table, which methods refuse which
 kinds, `ka.mlp(...)` on every KerasHub architecture `ka.attention(...)`
-covers, and the `ka.adaptable_layers` report.
+covers, the `ka.adaptable_layers` report, and PEFT's embedding LoRA
+(fixtures written by `tests/data/make_peft_fixtures.py --embeddings`).
 """
+
+import os
+import shutil
+import warnings
 
 import keras
 import keras_hub
 import numpy as np
 import pytest
+import safetensors.numpy
 from _fixtures import backend_independent
 from test_attention_roles import ARCHITECTURES
 
@@ -287,7 +293,7 @@ def test_mlp_roles_find_each_projection(architecture):
 def test_mlp_rejects_unknown_roles():
     with pytest.raises(ValueError, match=r"Unknown MLP role 'query'.*\['gate'"):
         ka.mlp("query")
-    with pytest.raises(ValueError, match="non-empty tuple of MLP roles"):
+    with pytest.raises(ValueError, match=r"Unknown MLP role \['up'\]"):
         ka.mlp(["up"], "down")
 
 
@@ -344,3 +350,69 @@ def test_internals_pass_training_argument_round_trip():
     assert layer._call_has_context_arg["training"] is True
     internals.restore_training_argument(layer, previous)
     assert layer._call_has_context_arg["training"] is False
+
+
+# ------------------------------------------------------ PEFT embedding adapters
+
+PEFT_DATA = os.path.join(os.path.dirname(__file__), "data", "peft")
+PEFT_BACKBONES = {
+    "llama": keras_hub.models.LlamaBackbone,
+    "gemma": keras_hub.models.GemmaBackbone,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PEFT_BACKBONES))
+def test_peft_embedding_adapter_matches_pytorch_and_exports_back(kind, tmp_path):
+    """PEFT's LoRA on `embed_tokens` (and q/v projections): the decoder body's
+    outputs equal PyTorch's; the export writes the same LoRA tensors."""
+    backbone = PEFT_BACKBONES[kind].from_preset(os.path.join(PEFT_DATA, kind))
+    source = os.path.join(PEFT_DATA, f"{kind}_embed_lora")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = ka.interop.load_peft_adapter(backbone, source)
+    tied = [w for w in caught if "tied embedding" in str(w.message)]
+    assert len(tied) == (1 if kind == "gemma" else 0)
+    assert report.adapted_paths[0] == "token_embedding"
+    stored = np.load(os.path.join(PEFT_DATA, "outputs.npz"))
+    inputs = {"token_ids": stored["token_ids"], "padding_mask": stored["padding_mask"]}
+    expected = np.load(os.path.join(PEFT_DATA, "outputs_embeddings.npz"))
+    expected = expected[f"{kind}_embed_lora/sequence_output"]
+    mask = stored["padding_mask"].astype(bool)
+    got = _numpy(backbone(inputs))
+    base = PEFT_BACKBONES[kind].from_preset(os.path.join(PEFT_DATA, kind))
+    change = np.max(np.abs(_numpy(base(inputs)) - expected)[mask])
+    error = np.max(np.abs(got - expected)[mask])
+    assert error <= 1e-5 * np.max(np.abs(expected)) and change > 100 * error
+    ka.interop.save_peft_adapter(backbone, tmp_path / "exported")
+    written = safetensors.numpy.load_file(
+        str(tmp_path / "exported" / "adapter_model.safetensors")
+    )
+    original = safetensors.numpy.load_file(
+        os.path.join(source, "adapter_model.safetensors")
+    )
+    original = {k: v for k, v in original.items() if "base_layer" not in k}
+    assert written.keys() == original.keys()
+    for key, value in original.items():
+        np.testing.assert_array_equal(written[key], value, err_msg=key)
+
+
+def test_peft_embedding_adapter_for_another_table_is_refused(tmp_path):
+    source = os.path.join(PEFT_DATA, "llama_embed_lora")
+    edited = tmp_path / "edited"
+    shutil.copytree(source, edited)
+    path = str(edited / "adapter_model.safetensors")
+    tensors = safetensors.numpy.load_file(path)
+    tensors["base_model.model.model.embed_tokens.base_layer.weight"] += 0.5
+    safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
+    backbone = PEFT_BACKBONES["llama"].from_preset(os.path.join(PEFT_DATA, "llama"))
+    with pytest.raises(ValueError, match="base embedding table .* differs"):
+        ka.interop.load_peft_adapter(backbone, edited)
+    assert ka.adapted_layers(backbone) == []
+
+
+def test_peft_export_refuses_dora_on_embeddings(tmp_path):
+    backbone = PEFT_BACKBONES["llama"].from_preset(os.path.join(PEFT_DATA, "llama"))
+    ka.enable_adapter(backbone, ka.DoRA(rank=2), targets="token_embedding")
+    with pytest.raises(ValueError, match="embedding adapters supports LoRA only"):
+        ka.interop.save_peft_adapter(backbone, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
