@@ -964,8 +964,9 @@ def _match_tensors(tensors, architecture, directory, cls):
     if unexpected:
         raise ValueError(
             f"{os.path.join(directory, WEIGHTS_FILE)!r} holds tensors that are not "
-            "LoRA factors of linear layers (embedding adapters, biases, DoRA "
-            "magnitudes, modules_to_save?), which keras_adapters cannot import: "
+            "LoRA factors of linear or embedding layers (biases, DoRA "
+            "magnitudes, DoRA on embeddings, modules_to_save?), which "
+            "keras_adapters cannot import: "
             f"{sorted(unexpected)[:8]}."
         )
     if unsupported:
