@@ -416,3 +416,13 @@ def test_peft_export_refuses_dora_on_embeddings(tmp_path):
     with pytest.raises(ValueError, match="embedding adapters supports LoRA only"):
         ka.interop.save_peft_adapter(backbone, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@backend_independent
+def test_per_example_adapters_refuse_embeddings_and_convolutions():
+    token_ids = keras.Input((3,), dtype="int32")
+    x = keras.layers.Embedding(10, 4, name="embed")(token_ids)
+    model = keras.Model(token_ids, keras.layers.Dense(2, name="head")(x))
+    ka.enable_adapter(model, ka.LoRA(rank=2), targets=["embed", "head"])
+    with pytest.raises(ValueError, match="embedding layer 'embed'; per-example"):
+        ka.per_example_adapters(model, ["default"])
