@@ -426,3 +426,19 @@ def test_per_example_adapters_refuse_embeddings_and_convolutions():
     ka.enable_adapter(model, ka.LoRA(rank=2), targets=["embed", "head"])
     with pytest.raises(ValueError, match="embedding layer 'embed'; per-example"):
         ka.per_example_adapters(model, ["default"])
+
+
+def test_adapted_reversible_embedding_keeps_its_mask():
+    """`ReversibleEmbedding(mask_zero=True)` sets its mask in `call`; the
+    adapted call does too, so masked pooling gives the base outputs."""
+    keras.utils.set_random_seed(0)
+    token_ids = keras.Input((4,), dtype="int32")
+    embedding = keras_hub.layers.ReversibleEmbedding(
+        10, 3, mask_zero=True, name="embed"
+    )
+    pooled = keras.layers.GlobalAveragePooling1D()(embedding(token_ids))
+    model = keras.Model(token_ids, pooled)
+    ids = np.array([[3, 4, 0, 0], [5, 0, 0, 0]], "int32")
+    before = _numpy(model(ids))
+    ka.enable_adapter(model, ka.LoRA(rank=2), targets="embed")
+    np.testing.assert_allclose(_numpy(model(ids)), before, rtol=1e-6)
