@@ -142,6 +142,8 @@ def adapter_layout_map(
         if isinstance(layout, KernelDerivedLayout) or suffix is None:
             continue
         prefix = key[: -len(suffix)]
+        if suffix != "kernel" and not prefix:
+            continue  # a bare `embeddings` key names no layer
         if _is_complete_regex(prefix):
             # Named adapters' variables are `lora_a.<name>` (see AdapterSlot).
             derived[rf"{prefix}(?:{names})(?:\.\w+)?"] = KernelDerivedLayout(layout)
