@@ -1,12 +1,17 @@
-"""Loads files written under one Keras backend into models on this one.
+"""Adapter files and `.keras` files across Keras backends, both directions.
 
-Run by `test_cross_backend.py` in a subprocess with the other backend:
-`KERAS_BACKEND=... python cross_backend_check.py DIR [--import MODULE ...]`
-(the modules register adapter methods defined outside the library). `DIR`
-holds, per case,
-`<case>.base.weights.h5` (Keras weights of the base model), `<case>.adapter.h5`
-(the adapter file), `<case>.keras` (the adapted model) and `<case>.npz`
-(inputs and expected outputs). Exits non-zero on any mismatch.
+`matrix.CrossBackendMatrix` runs this under TensorFlow from the JAX test
+session, so one TensorFlow start-up covers both directions:
+
+    KERAS_BACKEND=tensorflow python cross_backend_check.py \
+        --check JAX_DIR --write TF_DIR --methods lora,hut [--import MODULE ...]
+
+`--check` loads the files JAX wrote into TensorFlow models; `--write` writes
+the same cases under TensorFlow for the test to load into JAX models. A
+directory holds, per case `<method>-<model>`: `.base.weights.h5` (Keras
+weights of the base model), `.adapter.h5` (the adapter file), `.keras` (the
+adapted model) and `.npz` (the expected outputs). The `--import` modules
+register methods defined outside the library. Exits non-zero on a mismatch.
 """
 
 import argparse
@@ -23,37 +28,66 @@ from cases import max_relative_difference  # noqa: E402
 from cases import predict  # noqa: E402
 
 import keras_adapters as ka  # noqa: E402
+from keras_adapters.adapters.base import ADAPTER_METHODS  # noqa: E402
+
+# BERT's and Gemma's projections; ViT's Conv2D, Embedding and attention; the
+# tied ReversibleEmbedding and causal Conv1D of "tied_lm".
+MODEL_IDS = ("bert", "gemma", "vit", "tied_lm")
 
 
-def main(directory):
-    failures = []
+def write(directory, methods):
+    """Writes every (method, model) case, its adapters moved off identity."""
+    os.makedirs(directory, exist_ok=True)
+    for method in methods:
+        for model_id in MODEL_IDS:
+            name = os.path.join(directory, f"{method}-{model_id}")
+            case = MODELS[model_id]
+            model = case.build(0)
+            model.save_weights(f"{name}.base.weights.h5")
+            adapter = ADAPTER_METHODS[method].example()
+            ka.enable_adapter(model, adapter, targets=case.targets)
+            rng = np.random.default_rng(0)
+            for variable in ka.adapter_variables(model):
+                value = keras.ops.convert_to_numpy(variable)
+                variable.assign(value + rng.normal(scale=0.1, size=variable.shape))
+            ka.save_adapter_weights(model, f"{name}.adapter.h5")
+            model.save(f"{name}.keras")
+            np.savez(f"{name}.npz", outputs=predict(model, case.x))
+
+
+def check(directory):
+    """Loads every case in `directory`; returns the names that differ."""
     names = sorted(
         f[: -len(".npz")] for f in os.listdir(directory) if f.endswith(".npz")
     )
+    assert names, f"no cases found in {directory}"
+    failures = []
     for name in names:
-        model_id = name.split("-")[1]
-        data = np.load(os.path.join(directory, f"{name}.npz"))
-        case = MODELS[model_id]
+        path = os.path.join(directory, name)
+        case = MODELS[name.split("-")[1]]
+        expected = np.load(f"{path}.npz")["outputs"]
         model = case.build(3)
-        model.load_weights(os.path.join(directory, f"{name}.base.weights.h5"))
-        ka.load_adapter_weights(model, os.path.join(directory, f"{name}.adapter.h5"))
-        from_file = max_relative_difference(predict(model, case.x), data["outputs"])
-        loaded = keras.saving.load_model(os.path.join(directory, f"{name}.keras"))
-        from_keras = max_relative_difference(predict(loaded, case.x), data["outputs"])
+        model.load_weights(f"{path}.base.weights.h5")
+        ka.load_adapter_weights(model, f"{path}.adapter.h5")
+        from_file = max_relative_difference(predict(model, case.x), expected)
+        loaded = keras.saving.load_model(f"{path}.keras")
+        from_keras = max_relative_difference(predict(loaded, case.x), expected)
         print(f"{name}: adapter file {from_file:.2e}, .keras {from_keras:.2e}")
         if not (from_file <= 1e-5 and from_keras <= 1e-5):
             failures.append(name)
-    if not names or failures:
-        print(f"FAILED: {failures or 'no cases found'}")
-        return 1
-    return 0
+    return failures
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("directory")
+    parser.add_argument("--check", required=True)
+    parser.add_argument("--write", required=True)
+    parser.add_argument("--methods", required=True)
     parser.add_argument("--import", dest="modules", action="append", default=[])
     args = parser.parse_args()
     for module in args.modules:
         importlib.import_module(module)
-    sys.exit(main(args.directory))
+    failures = check(args.check)
+    if failures:
+        sys.exit(f"FAILED: {failures}")
+    write(args.write, args.methods.split(","))

@@ -145,6 +145,13 @@ def gemma(seed=0):
     return MODELS["gemma"].build(seed, dropout=0.0)
 
 
+def adapted_gemma(methods):
+    """An untrained Gemma with the adapters (values to be copied in)."""
+    model = gemma()
+    enable(model, gemma_adapters(methods))
+    return model
+
+
 def bert_data():
     rng = np.random.default_rng(0)
     token_ids = rng.integers(1, VOCAB, (BATCH, SEQ)).astype("int32")
@@ -288,14 +295,17 @@ def run_jax(results, methods):
     devices = keras.distribution.list_devices()
     results["devices"] = len(devices)
 
-    # Data parallel: BERT, every variable replicated, the batch split 8 ways.
+    # One run on one device is the reference for both distributions: Gemma
+    # with its adapters (a 3-D EinsumDense kernel and a 2-D one per method).
+    x, y = gemma_data()
+    with timed("one device"):
+        single, single_losses = train(gemma, gemma_adapters(methods), x, y)
+
+    # Data parallel: every variable replicated, the batch split 8 ways.
     data_parallel = keras.distribution.DataParallel(devices=devices)
-    x, y = bert_data()
-    with timed("data parallel: one device"):
-        single, single_losses = train(bert, bert_adapters(methods), x, y)
     with timed("data parallel: 8 devices"):
         multi, multi_losses = train(
-            bert, bert_adapters(methods), x, y, data_parallel.scope()
+            gemma, gemma_adapters(methods), x, y, data_parallel.scope()
         )
     variables = ka.adapter_variables(multi)
     results["data_parallel"] = {
@@ -304,19 +314,18 @@ def run_jax(results, methods):
         "layouts": layouts(variables),
         "device_counts": sorted({len(v.value.sharding.device_set) for v in variables}),
         "variables": variable_names(methods),
-        "merged_difference": merged_difference(multi, single, data_parallel.scope()),
+        "merged_difference": merged_difference(
+            multi, adapted_gemma(methods), data_parallel.scope()
+        ),
     }
 
-    # Model parallel: Gemma on a (batch 4, model 2) mesh with KerasHub's own
-    # layout map; enable_adapter lays the adapter variables out by the rule.
+    # Model parallel: a (batch 4, model 2) mesh with KerasHub's own layout
+    # map; enable_adapter lays the adapter variables out by the rule.
     mesh = keras.distribution.DeviceMesh((4, 2), ("batch", "model"), devices)
     model_parallel = keras.distribution.ModelParallel(
         layout_map=keras_hub.models.GemmaBackbone.get_layout_map(mesh),
         batch_dim_name="batch",
     )
-    x, y = gemma_data()
-    with timed("model parallel: one device"):
-        single, single_losses = train(gemma, gemma_adapters(methods), x, y)
     with timed("model parallel: 8 devices"):
         multi, multi_losses = train(
             gemma, gemma_adapters(methods), x, y, model_parallel.scope()
@@ -348,10 +357,8 @@ def run_jax(results, methods):
     with timed("model parallel: export"):
         entry["export"] = export_difference(multi, single, x, model_parallel.scope())
     with timed("model parallel: merge"):
-        single = gemma()
-        enable(single, gemma_adapters(methods))
         entry["merged_difference"] = merged_difference(
-            multi, single, model_parallel.scope()
+            multi, adapted_gemma(methods), model_parallel.scope()
         )
     # Merging in place keeps each kernel's layout.
     entry["merged_kernel_layouts"] = layouts(kernels)

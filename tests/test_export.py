@@ -51,13 +51,17 @@ def test_export_is_merged_verified_and_dynamic(tmp_path, model_id):
         keras.ops.convert_to_numpy(v) for v in ka.adapter_variables(model)
     ]
     adapted = len(ka.adapted_layers(model))
+    # The fresh-process verification (a TensorFlow start-up) runs for one
+    # architecture; the others are served and compared in this process below.
+    verify = model_id == "bert"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = ka.export_saved_model(model, tmp_path / "merged")
+        report = ka.export_saved_model(model, tmp_path / "merged", verify=verify)
     # The merged copy is rebuilt without the task's compile config: no
     # "compile() was not called as part of model loading" warning.
     assert not [w for w in caught if "compile()" in str(w.message)], caught
-    assert report.max_relative_difference <= 1e-5
+    if verify:
+        assert report.max_relative_difference <= 1e-5
     assert len(report.merged_layers) == adapted
     assert sorted(report.inputs) == sorted(i.name for i in model.inputs)
     # The user's model keeps its adapters, values and trainability.
@@ -92,7 +96,7 @@ def test_export_is_merged_verified_and_dynamic(tmp_path, model_id):
 
 
 # The fresh-process verification (a TensorFlow start-up each) runs in
-# test_export_is_merged_verified_and_dynamic and
+# test_export_is_merged_verified_and_dynamic (for BERT) and
 # test_failed_verification_leaves_nothing; the tests below serve the export in
 # this process instead.
 
@@ -247,7 +251,10 @@ def _classifier_with_preprocessor():
 )
 def test_export_with_preprocessor_takes_raw_strings(tmp_path):
     classifier = _classifier_with_preprocessor()
-    report = ka.export_saved_model(classifier, tmp_path / "text", preprocessor=True)
+    # Served in this process here; the export below is verified in a fresh one.
+    report = ka.export_saved_model(
+        classifier, tmp_path / "text", preprocessor=True, verify=False
+    )
     assert report.inputs == {"texts": ((None,), "string")}
     import tensorflow_text  # noqa: F401  (the tokenizer ops)
 
