@@ -14,6 +14,8 @@ from keras_adapters import interop
 from keras_adapters import optimizers
 from keras_adapters import quantization
 from keras_adapters import workflows
+from keras_adapters.adaptable import AdaptableLayers
+from keras_adapters.adaptable import adaptable_layers
 from keras_adapters.adapters import GOFT
 from keras_adapters.adapters import HUT
 from keras_adapters.adapters import QGOFT
@@ -45,10 +47,12 @@ from keras_adapters.saving import load_adapter_weights
 from keras_adapters.saving import read_adapter_spec
 from keras_adapters.saving import save_adapter_weights
 from keras_adapters.targeting import attention
+from keras_adapters.targeting import mlp
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptableLayers",
     "Adapter",
     "AdapterReport",
     "DoRA",
@@ -62,6 +66,7 @@ __all__ = [
     "QGOFT",
     "SoftOrthogonality",
     "active_adapters",
+    "adaptable_layers",
     "adapted_layers",
     "adapter_names",
     "adapter_variables",
@@ -77,6 +82,7 @@ __all__ = [
     "interop",
     "load_adapter_weights",
     "merge_adapters",
+    "mlp",
     "optimizers",
     "per_example_adapters",
     "quantization",

@@ -252,13 +252,43 @@ def quantize_layer(layer, mode, config):
 
 
 def kernel_variable(layer):
-    """The variable holding a `Dense`/`EinsumDense` layer's own kernel.
+    """The variable holding a layer's own kernel (an embedding's table).
 
-    Its public `kernel` property is what an adapted layer overrides (the
-    effective kernel, as Keras' own LoRA does), so the stored variable is
-    read here.
+    `Dense`, `EinsumDense` and the convolutions store it as `_kernel`,
+    `Embedding` as `_embeddings`. Their public `kernel` / `embeddings`
+    properties are what an adapted layer overrides (the effective kernel,
+    as Keras' own LoRA does), so the stored variable is read here.
     """
+    if isinstance(layer, keras.layers.Embedding):
+        return layer._embeddings
     return layer._kernel
+
+
+def pass_training_argument(layer):
+    """Makes Keras pass `training` to `layer.call`, also where the layer's
+    own `call` has no such argument (`Conv2D`, `Embedding`).
+
+    Keras decides once, from the signature of the class's `call` when the
+    layer is created, whether to pass `training` (`_call_has_context_arg`);
+    an adapted layer's `call` takes it (adapter dropout needs it). Returns
+    the previous setting for `restore_training_argument`.
+    """
+    previous = dict(layer._call_has_context_arg)
+    object.__setattr__(layer, "_call_has_context_arg", {**previous, "training": True})
+    return previous
+
+
+def restore_training_argument(layer, previous):
+    """Undoes `pass_training_argument`."""
+    object.__setattr__(layer, "_call_has_context_arg", dict(previous))
+
+
+def set_keras_mask(outputs, mask):
+    """Attaches a Keras mask to `outputs`, as `ReversibleEmbedding.call`
+    does for `mask_zero`."""
+    from keras.src.backend import set_keras_mask as set_mask
+
+    set_mask(outputs, mask)
 
 
 def set_tracked_attribute(layer, name, value):

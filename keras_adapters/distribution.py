@@ -58,9 +58,11 @@ __all__ = [
     "view_mesh_axes",
 ]
 
-# The suffix of a layout-map key that selects `Dense`/`EinsumDense` kernels,
-# as in KerasHub's `decoder_block.*attention.*(query|key|value).kernel`.
-_KERNEL_SUFFIX = "kernel"
+# The suffixes of layout-map keys that select kernels: `Dense`/`EinsumDense`
+# and convolution kernels, as in KerasHub's
+# `decoder_block.*attention.*(query|key|value).kernel`, and embedding tables
+# (`token_embedding/embeddings`).
+_KERNEL_SUFFIXES = ("kernel", "embeddings")
 
 
 def _adapter_variable_names():
@@ -77,7 +79,8 @@ def adapter_layout_map(
 
     For every entry whose key selects kernels (a regex or path ending with
     `kernel`, such as `decoder_block.*attention.*(query|key|value).kernel` in
-    `keras_hub.models.GemmaBackbone.get_layout_map(mesh)`), the copy has one
+    `keras_hub.models.GemmaBackbone.get_layout_map(mesh)`, or with
+    `embeddings` for embedding tables), the copy has one
     more entry whose key is the same regex with `kernel` replaced by an
     alternation of the adapter variable names (`lora_a`, `lora_b`, `hut_a`,
     ..., of every registered adapter method, optionally followed by
@@ -135,9 +138,12 @@ def adapter_layout_map(
     for key in layout_map:
         layout = layout_map[key]
         extended[key] = layout
-        if isinstance(layout, KernelDerivedLayout) or not key.endswith(_KERNEL_SUFFIX):
+        suffix = next((x for x in _KERNEL_SUFFIXES if key.endswith(x)), None)
+        if isinstance(layout, KernelDerivedLayout) or suffix is None:
             continue
-        prefix = key[: -len(_KERNEL_SUFFIX)]
+        prefix = key[: -len(suffix)]
+        if suffix != "kernel" and not prefix:
+            continue  # a bare `embeddings` key names no layer
         if _is_complete_regex(prefix):
             # Named adapters' variables are `lora_a.<name>` (see AdapterSlot).
             derived[rf"{prefix}(?:{names})(?:\.\w+)?"] = KernelDerivedLayout(layout)

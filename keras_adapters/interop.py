@@ -37,6 +37,7 @@ import weakref
 import numpy as np
 import safetensors
 import safetensors.numpy
+from keras import ops
 
 from keras_adapters import _io
 from keras_adapters import _validation
@@ -126,6 +127,7 @@ _ARCHITECTURES = (
                 "transformer_layer_{i}/feedforward_output_dense",
             ),
             ("pooler.dense", "pooled_dense"),
+            ("embeddings.word_embeddings", "token_embedding"),
         ),
         ambiguous_leaves=("dense",),
         prefixes=(
@@ -165,6 +167,7 @@ _ARCHITECTURES = (
                 "layers.{i}.mlp.down_proj",
                 "transformer_layer_{i}/feedforward_output_dense",
             ),
+            ("embed_tokens", "token_embedding"),
         ),
         ambiguous_leaves=(),
         prefixes=((None, "model.", "CAUSAL_LM"),),  # LlamaForCausalLM
@@ -184,6 +187,7 @@ _ARCHITECTURES = (
             ("layers.{i}.mlp.gate_proj", "decoder_block_{i}/ffw_gating"),
             ("layers.{i}.mlp.up_proj", "decoder_block_{i}/ffw_gating_2"),
             ("layers.{i}.mlp.down_proj", "decoder_block_{i}/ffw_linear"),
+            ("embed_tokens", "token_embedding"),
         ),
         ambiguous_leaves=(),
         prefixes=((None, "model.", "CAUSAL_LM"),),  # GemmaForCausalLM
@@ -471,8 +475,19 @@ def save_peft_adapter(
         key = f"{_KEY_PREFIX}{module_prefix}{module}"
         # The layer's own configuration (its rank from a rank_pattern).
         adapter = slot.adapter
+        embedding = slot.kernel.kind == "embedding"
+        if embedding and tuple(type(adapter).peft_tensors) != ("lora_A", "lora_B"):
+            raise ValueError(
+                f"Adapter {name!r} is a {type(adapter).__name__} on the embedding "
+                f"'{slot.layer.path}'; PEFT export of embedding adapters supports "
+                "LoRA only."
+            )
         for tensor, value in adapter.to_peft_tensors(slot).items():
-            tensors[f"{key}.{tensor}{_tensor_suffix(type(adapter), tensor)}"] = value
+            if embedding:  # lora_embedding_A (r, vocab), no `.weight`
+                tensors[f"{key}.{tensor.replace('lora_', 'lora_embedding_')}"] = value
+            else:
+                suffix = _tensor_suffix(type(adapter), tensor)
+                tensors[f"{key}.{tensor}{suffix}"] = value
     available = {m for m in map(to_module, _layer_paths(root)) if m is not None}
     rank_pattern, alpha_pattern = _peft_patterns(lora, modules)
     config = {
@@ -884,14 +899,46 @@ def _tensor_key(cls):
     )
 
 
+# PEFT's LoRA on an `nn.Embedding` stores `lora_embedding_A` `(r, vocab)`
+# and `lora_embedding_B` `(dim, r)` (no `.weight`): the layouts of a linear
+# layer's `lora_A` `(r, in)` and `lora_B` `(out, r)`, the table's 2-D view
+# being `(vocab, dim)` = (in, out). With `save_embedding_layers` (PEFT's
+# default when an embedding is targeted) it also stores the whole base
+# table as `<module>.base_layer.weight`.
+_EMBEDDING_TENSORS = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
+_BASE_TABLE = "base_layer"
+
+
+def _embedding_keys(tensors, cls):
+    """`tensors` with PEFT's embedding names in the linear layers' names
+    (LoRA only), and the set of modules that are embeddings."""
+    if tuple(cls.peft_tensors) != ("lora_A", "lora_B"):
+        return tensors, {}, set()
+    renamed, embeddings = {}, set()
+    for key, value in tensors.items():
+        module, _, tensor = key.rpartition(".")
+        if tensor in _EMBEDDING_TENSORS:
+            embeddings.add(module)
+            key = f"{module}.{_EMBEDDING_TENSORS[tensor]}.weight"
+        renamed[key] = value
+    tables = {}
+    for module in embeddings:
+        table = renamed.pop(f"{module}.{_BASE_TABLE}.weight", None)
+        if table is not None:
+            tables[module] = table
+    return renamed, tables, embeddings
+
+
 def _match_tensors(tensors, architecture, directory, cls):
     """Groups PEFT tensors by KerasHub layer.
 
     Returns:
         `(module prefix, {keras layer path: (module, {tensor name: array})})`,
-        the tensor names being `cls.peft_tensors` (`lora_A`, `lora_B`).
+        the tensor names being `cls.peft_tensors` (`lora_A`, `lora_B`), and
+        for an embedding whose file holds its base table, `"base_layer"`.
     """
     convert = _hf_to_keras(architecture)
+    tensors, tables, _ = _embedding_keys(tensors, cls)
     tensor_key = _tensor_key(cls)
     unexpected, unsupported, prefixes, factors = [], [], set(), {}
     for key, value in tensors.items():
@@ -911,11 +958,15 @@ def _match_tensors(tensors, architecture, directory, cls):
         prefixes.add(prefix)
         entry = factors.setdefault(layer_path, (match["module"], {}))
         entry[1][match["factor"]] = value
+        table = tables.get(key.rsplit(".", 2)[0])
+        if table is not None:
+            entry[1][_BASE_TABLE] = table
     if unexpected:
         raise ValueError(
             f"{os.path.join(directory, WEIGHTS_FILE)!r} holds tensors that are not "
-            "LoRA factors of linear layers (embedding adapters, biases, DoRA "
-            "magnitudes, modules_to_save?), which keras_adapters cannot import: "
+            "LoRA factors of linear or embedding layers (biases, DoRA "
+            "magnitudes, DoRA on embeddings, modules_to_save?), which "
+            "keras_adapters cannot import: "
             f"{sorted(unexpected)[:8]}."
         )
     if unsupported:
@@ -931,7 +982,11 @@ def _match_tensors(tensors, architecture, directory, cls):
             f"The PEFT adapter in {directory!r} mixes module prefixes "
             f"{sorted(prefixes)}; expected one Hugging Face model's names."
         )
-    incomplete = [m for m, f in factors.values() if set(f) != set(cls.peft_tensors)]
+    incomplete = [
+        m
+        for m, f in factors.values()
+        if set(f) - {_BASE_TABLE} != set(cls.peft_tensors)
+    ]
     if incomplete:
         raise ValueError(
             f"The PEFT adapter in {directory!r} lacks "
@@ -967,12 +1022,23 @@ def _plan(root, architecture, factors, lora, config, directory):
             continue
         try:
             kernel = adapter_layers.check_supported(layer)
+            found = dict(found)
+            _check_base_table(found.pop(_BASE_TABLE, None), kernel)
             layer_lora = lora.for_layer(layer_path)
             values = layer_lora.from_peft_tensors(found, kernel)
             layer_lora.validate(kernel)
         except ValueError as error:  # UnsupportedLayerError too
             problems.append(f"{module}: {error}")
             continue
+        if kernel.transposable and not config.get("ensure_weight_tying"):
+            warnings.warn(
+                f"{module} is a tied embedding: the KerasHub layer "
+                f"'{layer_path}' also projects the outputs onto the vocabulary "
+                "with the same table, so here the adapter changes the logits "
+                "too (as in PEFT's merged model), while PEFT's unmerged model "
+                "(ensure_weight_tying=False) applies it to the lookup only.",
+                stacklevel=3,
+            )
         plan[layer_path] = values
     if problems:
         raise ValueError(
@@ -982,6 +1048,22 @@ def _plan(root, architecture, factors, lora, config, directory):
             + "\n  ".join(problems)
         )
     return plan
+
+
+def _check_base_table(table, kernel):
+    """Raises unless a saved base embedding table equals the model's."""
+    if table is None:
+        return
+    own = np.asarray(ops.convert_to_numpy(kernel.dense()), "float32")
+    if table.shape != own.shape or not np.allclose(
+        table, own, rtol=0, atol=1e-6 * max(float(np.max(np.abs(own))), 1e-30)
+    ):
+        raise ValueError(
+            f"the file holds a base embedding table ({_BASE_TABLE}.weight, "
+            f"shape {table.shape}) that differs from the layer's {own.shape} "
+            "table (a resized or trained embedding?); only adapters of the "
+            "model's own table can be imported"
+        )
 
 
 # safetensors: parsed and checked by the package; the float dtypes a LoRA

@@ -1,11 +1,14 @@
-"""How adapters attach to a Keras `Dense` or `EinsumDense` layer.
+"""How adapters attach to a Keras layer (`Dense`, `EinsumDense`, `Embedding`,
+`Conv1D`/`Conv2D`/`Conv3D`).
 
 An adapter never wraps or replaces a layer: the layer object stays where it is
 (inside a KerasHub attention block, say), gains the adapters' variables, and
 switches to a cached subclass of its own class whose `call` lets the active
 adapters take part. That `call` is the only dispatcher: it prepares the inputs
 the frozen kernel takes, then lets one adapter compute the output, adds the
-terms of several additive ones, or projects with the composed kernel. Several
+terms of several additive ones, or projects with the composed kernel, and
+finishes as the layer does (bias, activation); a tied `ReversibleEmbedding`
+called with `reverse=True` goes through the adapters' transposed path. Several
 named adapters can share a layer (see `AdapterSlot`). Merging folds an adapter
 into the kernel; when the last one goes, the layer switches back to its
 original class. See `docs/how_adapters_attach.md`.
@@ -32,6 +35,7 @@ __all__ = [
     "UnsupportedLayerError",
     "adapter_variables",
     "attach",
+    "check_kind",
     "check_supported",
     "composed_kernel",
     "detach",
@@ -85,6 +89,18 @@ def check_supported(layer):
             "kernel would not respect."
         )
     return kernel
+
+
+def check_kind(adapter, kernel):
+    """Raises `UnsupportedLayerError` if `adapter`'s method does not adapt
+    layers of `kernel`'s kind (`Adapter.layer_kinds`)."""
+    kinds = adapter.layer_kinds
+    if kinds is not None and kernel.kind not in kinds:
+        raise UnsupportedLayerError(
+            f"Layer '{kernel.path}' is a{'n' if kernel.kind[0] in 'ae' else ''} "
+            f"{kernel.kind} layer, which {type(adapter).__name__} does not "
+            f"adapt; it adapts {', '.join(kinds)} layers."
+        )
 
 
 def is_adapted(layer):
@@ -235,7 +251,17 @@ def attach(layer, adapter, kernel, name):
     if not is_adapted(layer):
         internals.set_untracked_attribute(layer, "_keras_adapters_kernel", kernel)
         internals.set_untracked_attribute(layer, "_keras_adapters_slots", {})
-        internals.switch_class(layer, _AdaptedLayer, serialize_as_base=True)
+        internals.set_untracked_attribute(
+            layer,
+            "_keras_adapters_training_argument",
+            internals.pass_training_argument(layer),
+        )
+        mixin = (
+            _AdaptedEmbedding
+            if isinstance(layer, keras.layers.Embedding)
+            else _AdaptedLayer
+        )
+        internals.switch_class(layer, mixin, serialize_as_base=True)
     layer._keras_adapters_slots[name] = slot
     return slot
 
@@ -286,13 +312,16 @@ def detach(layer, name, merge):
         internals.untrack_attribute(layer, qualified)
     del layer._keras_adapters_slots[name]
     if not layer._keras_adapters_slots:
-        object.__delattr__(layer, "_keras_adapters_kernel")
-        object.__delattr__(layer, "_keras_adapters_slots")
+        internals.restore_training_argument(
+            layer, layer._keras_adapters_training_argument
+        )
+        for attribute in ("kernel", "slots", "training_argument"):
+            object.__delattr__(layer, f"_keras_adapters_{attribute}")
         internals.restore_class(layer)
 
 
 class _AdaptedLayer(internals.QuantizeHooks):
-    """Methods a `Dense`/`EinsumDense` layer gets while it has adapters."""
+    """Methods an adapted layer gets while it has adapters."""
 
     def _active_slots(self):
         return [s for s in self._keras_adapters_slots.values() if s.active]
@@ -311,11 +340,22 @@ class _AdaptedLayer(internals.QuantizeHooks):
             "enable_adapter() (quantize, then adapt), or merge_adapters() first."
         )
 
-    def call(self, inputs, training=None):
-        active = self._active_slots()
+    def call(self, inputs, training=None, **kwargs):
         kernel = self._keras_adapters_kernel
+        mode = kernel.call_mode(**kwargs)
+        if mode == "base":
+            # A call that does not use the adapted kernel (the reverse
+            # projection of an untied `ReversibleEmbedding`).
+            return super().call(inputs, **kwargs)
+        active = self._active_slots()
         # On an int8 layer: the inputs quantized as Keras would (else `x`).
         inputs = kernel.prepare_inputs(inputs)
+        if mode == "transposed":
+            return kernel.finish_transposed(_transposed(self, kernel, active, inputs))
+        if kernel.index_inputs:
+            # Lookups take no adapter dropout (token ids are not features;
+            # PEFT's embedding LoRA has none either).
+            training = None
         dispatch = _DISPATCH.get()
         if dispatch is not None:
             outputs = dispatch(self, kernel, inputs, training)
@@ -331,11 +371,7 @@ class _AdaptedLayer(internals.QuantizeHooks):
                 outputs = ops.add(outputs, ops.cast(delta, outputs.dtype))
         else:
             outputs = kernel.project_with(inputs, composed_kernel(self, active))
-        if self.bias is not None:
-            outputs = ops.add(outputs, self.bias)
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
+        return kernel.finish(outputs, inputs)
 
     def _base_variables(self):
         names = set(adapter_variables(self))
@@ -365,3 +401,31 @@ class _AdaptedLayer(internals.QuantizeHooks):
             variable.assign(store[str(i)])
         for name, variable in adapters.items():
             variable.assign(store[name])
+
+
+def _transposed(layer, kernel, active, inputs):
+    """`x W'^T`: the active adapters on a tied reverse projection."""
+    if _DISPATCH.get() is not None:
+        raise UnsupportedLayerError(
+            f"Layer '{layer.path}' projects with its table transposed "
+            "(reverse=True); per-example adapters do not support that."
+        )
+    if len(active) == 1:
+        slot = active[0]
+        return slot.adapter.call_transposed(slot, kernel, inputs)
+    if all(slot.adapter.additive for slot in active):
+        outputs = kernel.project_transposed(inputs)
+        for slot in active:
+            delta = slot.adapter.delta_transposed(slot, kernel, inputs)
+            outputs = ops.add(outputs, ops.cast(delta, outputs.dtype))
+        return outputs
+    return kernel.project_transposed_with(inputs, composed_kernel(layer, active))
+
+
+class _AdaptedEmbedding(_AdaptedLayer):
+    """Methods an `Embedding` layer gets while it has adapters."""
+
+    @property
+    def embeddings(self):
+        """The effective (adapted) table, as Keras' own LoRA exposes it."""
+        return self.kernel

@@ -13,7 +13,7 @@ from keras_adapters import targeting
 from keras_adapters._tables import format_table
 from keras_adapters.adapters import lora as lora_lib
 from keras_adapters.adapters import lora_init
-from keras_adapters.kernels import SUPPORTED_LAYERS
+from keras_adapters.kernels import PROJECTION_LAYERS
 from keras_adapters.kernels import FloatKernel
 from keras_adapters.kernels import QuantizedKernel
 from keras_adapters.kernels import frozen_kernel
@@ -102,7 +102,7 @@ def loftq(model, adapter, targets=None, *, mode="int4", iterations=1, name="defa
     layers = [
         layer
         for layer, _ in targeting.resolve_targets(root, targets)
-        if isinstance(layer, SUPPORTED_LAYERS)
+        if isinstance(layer, PROJECTION_LAYERS)
     ]
     plan = []
     for layer in layers:

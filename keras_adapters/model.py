@@ -266,6 +266,7 @@ def _enable(model, adapter, targets, keep_trainable, name, validate=True):
     for layer, _ in hits:
         try:
             kernel = adapter_layers.check_supported(layer)
+            adapter_layers.check_kind(adapter, kernel)
         except adapter_layers.UnsupportedLayerError as error:
             skipped.append((layer.path or layer.name, str(error)))
             continue

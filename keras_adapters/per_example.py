@@ -60,6 +60,14 @@ def _check_supported(model, names):
                 "per-example adapters do not support; they support the methods "
                 f"{supported_methods()}."
             )
+    for layer in adapter_model.adapted_layers(model):
+        for name, slot in adapter_layers.slots(layer).items():
+            if name in names and slot.kernel.kind not in ("dense", "einsum_dense"):
+                raise ValueError(
+                    f"Adapter {name!r} of model '{model.name}' adapts the "
+                    f"{slot.kernel.kind} layer '{layer.path}'; per-example "
+                    "adapters support Dense and EinsumDense layers only."
+                )
 
 
 def _check_names(model, names):

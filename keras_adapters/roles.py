@@ -1,4 +1,5 @@
-"""Attention roles (W_q, W_k, W_v, W_o): the one table and the one rule.
+"""Attention roles (W_q, W_k, W_v, W_o) and MLP roles (gate, up, down):
+the tables and the rules.
 
 A projection has role R when its name is one of R's sublayer names below and
 the block that holds it is an attention block: a layer whose class name or
@@ -89,5 +90,83 @@ def check_roles(roles, argument="roles") -> tuple:
             raise ValueError(
                 f"Unknown attention role {role!r} in `{argument}`; the roles are "
                 f"{list(ATTENTION_ROLES)}."
+            )
+    return tuple(dict.fromkeys(roles))
+
+
+# MLP (feed-forward) roles. `up` maps the hidden size to the intermediate
+# size, `down` maps it back, and `gate` is the second up-projection of gated
+# MLPs (SwiGLU, GeGLU), whose activation multiplies `up`'s output.
+MLP_ROLES = ("gate", "up", "down")
+
+# Sublayer names per MLP role that say their role alone, as KerasHub names
+# them: BERT, RoBERTa, DistilBERT, GPT-2 (`feedforward_*`, no gate); Llama,
+# Mistral, Qwen, Qwen3, Phi-3 (`feedforward_gate_dense` too); Gemma
+# (`ffw_gating` is the gate, `ffw_gating_2` the up-projection, `ffw_linear`
+# the down-projection); Bloom (`mlp_*`); Falcon (`dense_h_to_4h`,
+# `dense_4h_to_h`); SmolLM3 (`gate_proj`, ...); PaliGemma's ViT
+# (`mlp_dense_1`, `mlp_dense_2`).
+MLP_ROLE_NAMES = {
+    "gate": ("feedforward_gate_dense", "ffw_gating", "gate_proj"),
+    "up": (
+        "feedforward_intermediate_dense",
+        "ffw_gating_2",
+        "up_proj",
+        "mlp_intermediate_dense",
+        "dense_h_to_4h",
+        "mlp_dense_1",
+    ),
+    "down": (
+        "feedforward_output_dense",
+        "ffw_linear",
+        "down_proj",
+        "mlp_output_dense",
+        "dense_4h_to_h",
+        "mlp_dense_2",
+    ),
+}
+# Generic names that have a role only inside an MLP block (a layer whose
+# name or class name contains "mlp", "feedforward" or "ffn"): KerasHub's
+# ViT names them `dense_1` and `dense_2` inside its `MLP` layer.
+MLP_BLOCK_NAMES = {"up": ("dense_1", "fc1"), "down": ("dense_2", "fc2")}
+_MLP_BLOCK = re.compile(r".*(mlp|feedforward|ffn).*", re.IGNORECASE)
+
+
+def mlp_role(layer, parent):
+    """The MLP role of `layer` held by `parent`, or None."""
+    for role, names in MLP_ROLE_NAMES.items():
+        if layer.name in names:
+            return role
+    if parent is None or not (
+        _MLP_BLOCK.fullmatch(parent.name or "")
+        or _MLP_BLOCK.fullmatch(type(parent).__name__)
+    ):
+        return None
+    for role, names in MLP_BLOCK_NAMES.items():
+        if layer.name in names:
+            return role
+    return None
+
+
+def layer_role(layer, parent):
+    """The attention or MLP role of `layer` held by `parent`, or None."""
+    return attention_role(layer, parent) or mlp_role(layer, parent)
+
+
+def check_mlp_roles(roles, argument="roles") -> tuple:
+    """`roles` (an MLP role or a sequence of them) as a tuple without
+    repeats."""
+    if isinstance(roles, str):
+        roles = (roles,)
+    if not isinstance(roles, (list, tuple)) or not roles:
+        raise ValueError(
+            f"`{argument}` must be a non-empty tuple of MLP roles from "
+            f"{list(MLP_ROLES)}; received {roles!r}."
+        )
+    for role in roles:
+        if role not in MLP_ROLES:
+            raise ValueError(
+                f"Unknown MLP role {role!r} in `{argument}`; the roles are "
+                f"{list(MLP_ROLES)}."
             )
     return tuple(dict.fromkeys(roles))

@@ -4,6 +4,8 @@ A target is any of:
 
 - an attention role set, `attention("query", "value")`: the W_q/W_k/W_v/W_o
   projections, as each KerasHub architecture names them;
+- an MLP role set, `mlp("up", "down")`: the feed-forward projections (gate,
+  up, down), as each KerasHub architecture names them;
 - a string: a layer name (`"query"` matches every layer named `query`), or a
   regular expression that must `re.fullmatch` the layer's `path`
   (`r"transformer_layer_[0-5]/.*/(query|value)"`);
@@ -19,8 +21,12 @@ import keras
 from keras_adapters import _keras_internals as internals
 from keras_adapters.kernels import SUPPORTED_LAYERS
 from keras_adapters.roles import ATTENTION_ROLES
+from keras_adapters.roles import MLP_ROLES
 from keras_adapters.roles import attention_role
+from keras_adapters.roles import check_mlp_roles
 from keras_adapters.roles import check_roles
+from keras_adapters.roles import layer_role
+from keras_adapters.roles import mlp_role
 
 
 def relative_path(root_name, path):
@@ -61,6 +67,22 @@ class AttentionTarget(Target):
         return f"attention({', '.join(repr(r) for r in self.roles)})"
 
 
+class MLPTarget(Target):
+    """The MLP (feed-forward) projections with the given roles."""
+
+    def __init__(self, roles):
+        self.roles = tuple(roles)
+
+    def matches(self, layer, parent):
+        return mlp_role(layer, parent) in self.roles
+
+    def describe(self):
+        return f"mlp{self.roles}"
+
+    def __repr__(self):
+        return f"mlp({', '.join(repr(r) for r in self.roles)})"
+
+
 class PathsTarget(Target):
     """Exactly the layers with these paths, relative to `root` if given.
 
@@ -96,6 +118,33 @@ def attention(*roles: str) -> AttentionTarget:
     attention('query', 'value')
     """
     return AttentionTarget(check_roles(roles or ATTENTION_ROLES))
+
+
+def mlp(*roles: str) -> MLPTarget:
+    """Targets MLP (feed-forward) projections by role, on any supported
+    architecture.
+
+    `"up"` maps the hidden size to the intermediate size, `"down"` maps it
+    back, `"gate"` is the second up-projection of gated MLPs (Llama,
+    Mistral, Qwen, Gemma, Phi-3, SmolLM3; BERT, GPT-2, Falcon, Bloom and
+    ViT have none). The names each architecture uses are in
+    `keras_adapters.roles.MLP_ROLE_NAMES`.
+
+    Args:
+        *roles: one or more of `"gate"`, `"up"`, `"down"`. No roles means
+            all three.
+
+    Returns:
+        A target for `enable_adapter`; combine it with attention roles in a
+        list: `[ka.attention("query", "value"), ka.mlp("up", "down")]`.
+
+    Example:
+
+    >>> import keras_adapters as ka
+    >>> ka.mlp("up", "down")
+    mlp('up', 'down')
+    """
+    return MLPTarget(check_mlp_roles(roles or MLP_ROLES))
 
 
 def _string_matcher(pattern):
@@ -137,13 +186,13 @@ def _matchers(targets):
         return [(f"callable {name}", lambda layer, parent: bool(targets(layer)))]
     raise ValueError(
         f"Invalid target {targets!r} of type {type(targets).__name__}; a target is "
-        "ka.attention(...), a layer name or path regex (str), a callable "
-        "layer -> bool, or a list of these."
+        "ka.attention(...), ka.mlp(...), a layer name or path regex (str), a "
+        "callable layer -> bool, or a list of these."
     )
 
 
 def candidate_layers(model):
-    """`[(layer, parent)]` for every Dense/EinsumDense layer in `model`."""
+    """`[(layer, parent)]` for every layer of `model` adapters attach to."""
     return [
         (layer, parent)
         for layer, parent in internals.layers_with_parents(model)
@@ -181,9 +230,9 @@ def resolve_targets(model, targets):
 def _describe_candidates(model, limit=40):
     rows = []
     for layer, parent in candidate_layers(model):
-        role = attention_role(layer, parent)
+        role = layer_role(layer, parent)
         rows.append(f"  {layer.path}" + (f"  (role: {role})" if role else ""))
     if not rows:
-        return "The model has no Dense or EinsumDense layers."
+        return "The model has no layer adapters attach to."
     more = f"\n  ... and {len(rows) - limit} more" if len(rows) > limit else ""
     return "Candidate layers (path, role):\n" + "\n".join(rows[:limit]) + more

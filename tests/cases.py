@@ -141,6 +141,45 @@ def _subclassed(seed):
     return model
 
 
+def _vit(seed, **backbone_kwargs):
+    """A tiny KerasHub ViT classifier: a Conv2D patch embedding, an
+    `Embedding` of positions and Keras `MultiHeadAttention` blocks."""
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.ViTBackbone(
+        image_shape=(8, 8, 3),
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=16,
+        **backbone_kwargs,
+    )
+    return keras_hub.models.ViTImageClassifier(
+        backbone=backbone, num_classes=3, preprocessor=None
+    )
+
+
+def _tied_lm(seed):
+    """A functional language model with a tied KerasHub `ReversibleEmbedding`
+    (the lookup and, with `reverse=True`, the output projection) and a
+    causal `Conv1D` mixing positions."""
+    keras.utils.set_random_seed(seed)
+    token_ids = keras.Input((SEQ,), dtype="int32", name="token_ids")
+    # Unit-scale rows, so that the base logits are far from uniform and
+    # multiplicative methods (HUT, the orthogonal ones) have signal too.
+    embedding = keras_hub.layers.ReversibleEmbedding(
+        VOCAB,
+        8,
+        logit_soft_cap=30.0,
+        embeddings_initializer=keras.initializers.RandomNormal(stddev=1.0),
+        name="token_embedding",
+    )
+    x = embedding(token_ids)
+    x = keras.layers.Conv1D(8, 3, padding="causal", activation="gelu", name="mixer")(x)
+    logits = embedding(x, reverse=True)
+    return keras.Model(token_ids, logits, name="tied_lm")
+
+
 def _causal_lm_case(build):
     # One sequence repeated: a task the adapters can learn in a few steps.
     token_ids, padding_mask = _token_data()
@@ -176,6 +215,25 @@ def _model_cases():
         "gpt2": _causal_lm_case(_gpt2),
         "gemma": _causal_lm_case(_gemma),
         "llama": _causal_lm_case(_llama),
+        "vit": ModelCase(
+            build=_vit,
+            x=rng.normal(size=(BATCH, 8, 8, 3)).astype("float32"),
+            y=rng.integers(0, 3, (BATCH,)),
+            # Every layer kind ViT has: convolution, embedding, EinsumDense.
+            targets=[
+                "patch_embedding",
+                "position_embedding",
+                ka.attention("query", "value"),
+            ],
+            loss=sparse_ce,
+        ),
+        "tied_lm": ModelCase(
+            build=_tied_lm,
+            x=np.tile(token_ids[:1], (BATCH, 1)),
+            y=np.roll(np.tile(token_ids[:1], (BATCH, 1)), -1, axis=1),
+            targets=["token_embedding", "mixer"],
+            loss=sparse_ce,
+        ),
         "functional": ModelCase(
             build=_functional,
             x=rng.normal(size=(BATCH, 4, 8)).astype("float32"),
@@ -238,6 +296,19 @@ def predict(model, x):
     if keras.backend.backend() == "tensorflow":
         return np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
     return np.asarray(model.predict(x, verbose=0, batch_size=BATCH))
+
+
+def layer_inputs(view, rng):
+    """Inputs a layer with this kernel view accepts: token ids for an
+    embedding, images of twice the kernel size for a convolution, else
+    `input_shape(view)` normal floats."""
+    if view.kind == "embedding":
+        return rng.integers(0, view.d_in, (2, 3)).astype("int32")
+    if view.kind == "conv":
+        window = tuple(2 * d for d in view.kernel_shape[:-2])
+        shape = (2,) + window + (view.kernel_shape[-2],)
+        return rng.normal(size=shape).astype("float32")
+    return rng.normal(size=input_shape(view)).astype("float32")
 
 
 def input_shape(view):

@@ -30,7 +30,9 @@ from cases import predict  # noqa: E402
 import keras_adapters as ka  # noqa: E402
 from keras_adapters.adapters.base import ADAPTER_METHODS  # noqa: E402
 
-MODEL_IDS = ("bert", "gemma")
+# BERT's and Gemma's projections; ViT's Conv2D, Embedding and attention; the
+# tied ReversibleEmbedding and causal Conv1D of "tied_lm".
+MODEL_IDS = ("bert", "gemma", "vit", "tied_lm")
 
 
 def write(directory, methods):

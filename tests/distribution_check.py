@@ -64,6 +64,7 @@ from cases import SEQ  # noqa: E402
 from cases import VOCAB  # noqa: E402
 
 import keras_adapters as ka  # noqa: E402
+from keras_adapters import _keras_internals as internals  # noqa: E402
 from keras_adapters import layers as adapter_layers  # noqa: E402
 from keras_adapters.adapters.base import ADAPTER_METHODS  # noqa: E402
 from keras_adapters.kernels import frozen_kernel  # noqa: E402
@@ -93,6 +94,8 @@ GEMMA_VIEW_AXES = {
     "ffw_gating": ("batch", "model"),
     "ffw_gating_2": ("batch", "model"),
     "ffw_linear": ("model", "batch"),
+    # The table (vocab, hidden) is ("model", "batch"); its view is itself.
+    "token_embedding": ("model", "batch"),
 }
 
 
@@ -104,7 +107,7 @@ def bert_adapters(methods):
 
 
 def gemma_adapters(methods):
-    return {
+    adapters = {
         m: (
             m,
             [
@@ -114,12 +117,20 @@ def gemma_adapters(methods):
         )
         for i, m in enumerate(methods)
     }
+    # The tied token embedding (its lookup and the output projection), laid
+    # out like the table, on the first method that adapts embeddings.
+    for m in methods:
+        layer_kinds = ADAPTER_METHODS[m].layer_kinds
+        if layer_kinds is None or "embedding" in layer_kinds:
+            adapters[m][1].append("token_embedding")
+            break
+    return adapters
 
 
 def expected_gemma_layout(path, variable_axes):
     """The layout the rule gives a Gemma adapter variable (test's own map)."""
     block, *rest = path.split("/")
-    layer = "/".join(rest[:-1])
+    layer = "/".join(rest[:-1]) or block  # `token_embedding/lora_a`
     in_axis, out_axis = GEMMA_VIEW_AXES[layer]
     axes = [{"in": in_axis, "out": out_axis, None: None}[a] for a in variable_axes]
     return axes
@@ -319,7 +330,7 @@ def run_jax(results, methods):
         multi, multi_losses = train(
             gemma, gemma_adapters(methods), x, y, model_parallel.scope()
         )
-    kernels = [layer._kernel for layer in ka.adapted_layers(multi)]
+    kernels = [internals.kernel_variable(layer) for layer in ka.adapted_layers(multi)]
     # What adapter_layout_map's entries resolve to, for the same variables.
     extended = ka.distribution.adapter_layout_map(
         keras_hub.models.GemmaBackbone.get_layout_map(mesh)

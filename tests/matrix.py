@@ -32,12 +32,13 @@ import numpy as np
 import pytest
 from cases import BATCH
 from cases import MODELS
-from cases import input_shape
+from cases import layer_inputs
 from cases import max_relative_difference
 from cases import predict
 from cases import quantized_bert
 
 import keras_adapters as ka
+from keras_adapters import _keras_internals as internals
 from keras_adapters import layers as adapter_layers
 from keras_adapters.adapters.base import ADAPTER_METHODS
 from keras_adapters.adapters.base import numpy_values
@@ -97,13 +98,25 @@ def _check_layer_against_reference(layer, base_kernel, rtol=1e-4):
     adapted = _numpy(kernel.to_matrix(layer.kernel))
     scale = np.max(np.abs(expected))
     np.testing.assert_allclose(adapted, expected, rtol=0, atol=1e-5 * scale)
-    x = np.random.default_rng(3).normal(size=input_shape(kernel)).astype("float32")
+    x = layer_inputs(kernel, np.random.default_rng(3))
     want = _numpy(kernel.apply(x, kernel.from_matrix(expected.astype("float32"))))
-    if layer.bias is not None:
+    if getattr(layer, "bias", None) is not None:
         want = want + _numpy(layer.bias)
-    if layer.activation is not None:
+    if getattr(layer, "activation", None) is not None:
         want = _numpy(layer.activation(want))
     got = _numpy(layer(x))
+    if kernel.transposable:
+        # The tied output projection: `x W'^T`, then the layer's soft cap.
+        hidden = np.random.default_rng(4).normal(size=(2, 3, kernel.d_out))
+        hidden = hidden.astype("float32")
+        logits = hidden.astype("float64") @ expected.T
+        cap = layer.logit_soft_cap
+        if cap is not None:
+            logits = np.tanh(logits / cap) * cap
+        reverse = _numpy(layer(hidden, reverse=True))
+        np.testing.assert_allclose(
+            reverse, logits, rtol=0, atol=rtol * np.max(np.abs(logits))
+        )
     np.testing.assert_allclose(got, want, rtol=0, atol=rtol * np.max(np.abs(want)))
 
 
@@ -149,10 +162,13 @@ class AdapterMatrix:
     """Float models: identity at init, training under XLA, files, merges."""
 
     methods = ()
-    # Gemma's transposed 3-D EinsumDense kernels (a causal LM) and a functional
-    # model's Dense and EinsumDense; BERT's projections (a classifier) are in
-    # the quantized, cross-backend and multi-device suites.
-    models = ("gemma", "functional")
+    # Gemma's transposed 3-D EinsumDense kernels (a causal LM), a functional
+    # model's Dense and EinsumDense, a KerasHub ViT (Conv2D patches, an
+    # Embedding of positions, MultiHeadAttention) and a tied
+    # ReversibleEmbedding language model with a causal Conv1D; BERT's
+    # projections (a classifier) are in the quantized, cross-backend and
+    # multi-device suites.
+    models = ("gemma", "functional", "vit", "tied_lm")
 
     @pytest.fixture(scope="class")
     def trained(self, request, tmp_path_factory):
@@ -214,7 +230,8 @@ class AdapterMatrix:
             backbone_ids = {id(v) for v in model.backbone.weights}
             assert not any(id(v) in backbone_ids for v in extras)
         else:
-            assert {v.path.split("/")[-2] for v in extras} == {"head"}
+            kept = {"head"} if MODELS[trained.model_id].keep_trainable else set()
+            assert {v.path.split("/")[-2] for v in extras} == kept
         assert adapter_ids <= {id(v) for v in model.trainable_weights}
 
     def test_fit_changes_nothing_but_trainable_weights(self, trained):
@@ -270,7 +287,8 @@ class AdapterMatrix:
         assert max_relative_difference(predict(fresh, case.x), trained.outputs) <= 1e-5
         assert ka.adapted_layers(fresh) == []
         for layer in adapted:
-            assert type(layer) in adapter_layers.SUPPORTED_LAYERS
+            assert isinstance(layer, adapter_layers.SUPPORTED_LAYERS)
+            assert not adapter_layers.is_adapted(layer)
             assert not adapter_names & {v.name for v in layer.weights}
         assert len(fresh.weights) == len(trained.base_weights)
         # Trainable flags are back to what the base model had.
@@ -460,8 +478,17 @@ class PrecisionMatrix:
         # adapter's dtype handling, without a transformer's compile time
         # (KerasHub models train under mixed precision in
         # test_precision_and_data.py and test_quantized.py).
+        self._check_mixed_precision(method, dtype_policy, "functional")
+
+    def test_mixed_precision_on_embeddings_and_convolutions(self, method, dtype_policy):
+        # The tied embedding (float32 table, float16 lookups, the reverse
+        # projection) and a causal Conv1D.
+        self._check_mixed_precision(method, dtype_policy, "tied_lm")
+
+    @staticmethod
+    def _check_mixed_precision(method, dtype_policy, model_id):
         dtype_policy("mixed_float16")
-        case = MODELS["functional"]
+        case = MODELS[model_id]
         model = case.build(0)
         ka.enable_adapter(
             model,
@@ -471,7 +498,7 @@ class PrecisionMatrix:
         )
         assert all(v.dtype == "float32" for v in ka.adapter_variables(model))
         adapted = ka.adapted_layers(model)
-        kernel_dtypes = [layer._kernel.dtype for layer in adapted]
+        kernel_dtypes = [internals.kernel_variable(la).dtype for la in adapted]
         model.compile(
             optimizer=keras.optimizers.Adam(1e-2), loss=case.loss, jit_compile=True
         )
@@ -480,7 +507,9 @@ class PrecisionMatrix:
         assert all(v.dtype == "float32" for v in ka.adapter_variables(model))
         before_merge = np.asarray(model(case.x, training=False), "float32")
         ka.merge_adapters(model)
-        assert [layer._kernel.dtype for layer in adapted] == kernel_dtypes
+        assert [internals.kernel_variable(la).dtype for la in adapted] == (
+            kernel_dtypes
+        )
         after_merge = np.asarray(model(case.x, training=False), "float32")
         # Half-precision compute: merged and unmerged agree to its resolution.
         np.testing.assert_allclose(after_merge, before_merge, atol=0.1, rtol=0.05)
@@ -507,10 +536,11 @@ class CrossBackendMatrix:
         args += ["--methods", ",".join(methods)]
         output = _run_script("cross_backend_check.py", args, "tensorflow", methods)
         # JAX files loaded under TensorFlow...
-        assert output.count("adapter file") == len(methods) * 2, output
+        cases = len(methods) * len(cross_backend_check.MODEL_IDS)
+        assert output.count("adapter file") == cases, output
         # ...and TensorFlow files under JAX.
         assert cross_backend_check.check(str(written_there)) == []
-        assert len(list(written_there.glob("*.npz"))) == len(methods) * 2
+        assert len(list(written_there.glob("*.npz"))) == cases
 
 
 # ------------------------------------------------------------- several devices

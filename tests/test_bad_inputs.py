@@ -328,7 +328,7 @@ CASES = {
     "target is an unsupported layer": bad(
         lambda w: ka.enable_adapter(w.plain, ka.LoRA(rank=2), targets="pool"),
         "GlobalAveragePooling1D",
-        "Dense and EinsumDense",
+        "Dense, EinsumDense, Embedding and Conv1D/Conv2D/Conv3D",
     ),
     "target role unknown": bad(lambda w: ka.attention("querry"), "'querry'", "query"),
     "target role not a str": bad(lambda w: ka.attention(3), "3", "query"),

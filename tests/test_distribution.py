@@ -143,8 +143,11 @@ def test_adapter_layout_map_derives_regex_entries_from_kernel_entries():
     # The argument is untouched; the copy has every original entry.
     assert {k: layout_map[k] for k in layout_map} == before
     assert all(extended[k] is v for k, v in before.items())
-    kernel_keys = [k for k in before if k.endswith("kernel")]
+    kernel_keys = [k for k in before if k.endswith(("kernel", "embeddings"))]
     assert len(list(extended)) == len(before) + len(kernel_keys)
+    # The token embedding's table too (its adapters are laid out like it).
+    table = extended["token_embedding/lora_a"]
+    assert tuple(table.axes) == ("model", "batch")
 
     query = extended["decoder_block_3/attention/query/lora_a"]
     assert isinstance(query, ka.distribution.KernelDerivedLayout)

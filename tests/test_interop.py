@@ -410,8 +410,8 @@ def bert():
         ({"peft_type": "IA3"}, r"peft_type='IA3'.*only LoRA"),
         ({"brand_new_option": 3}, r"brand_new_option=3 \(a setting keras_adapters"),
         (
-            {"target_modules": ["query", "word_embeddings"]},
-            r"without a KerasHub BERT counterpart: \['word_embeddings'\].*"
+            {"target_modules": ["query", "position_embeddings"]},
+            r"without a KerasHub BERT counterpart: \['position_embeddings'\].*"
             r"attention\.self\.query",
         ),
         ({"r": 8}, r"r=8.*need \(8, 32\) and \(32, 8\)"),
@@ -463,7 +463,8 @@ def _with_extra_tensor(tmp_path, key, shape):
         (
             "base_model.model.embeddings.word_embeddings.lora_embedding_A",
             (4, 100),
-            r"not LoRA factors of linear layers.*lora_embedding_A",
+            # An embedding's factors (PEFT's names) without lora_embedding_B.
+            r"lacks lora_A or lora_B for \['embeddings.word_embeddings'\]",
         ),
         (
             "base_model.model.encoder.layer.0.attention.self.query.lora_magnitude_vector",

@@ -24,8 +24,8 @@ from cases import max_relative_difference
 from cases import quantized_bert
 
 import keras_adapters as ka
-from keras_adapters import layers as adapter_layers
 from keras_adapters import quantization
+from keras_adapters.kernels import PROJECTION_LAYERS
 from keras_adapters.kernels import frozen_kernel
 
 CASE = MODELS["bert"]
@@ -308,7 +308,7 @@ def test_base_projection_reproduces_keras_quantized_layers(model_id, mode):
     rng = np.random.default_rng(0)
     checked = 0
     for layer in model._flatten_layers():
-        if not isinstance(layer, adapter_layers.SUPPORTED_LAYERS):
+        if not isinstance(layer, PROJECTION_LAYERS):  # Keras quantizes these
             continue
         if not quantization.is_quantized(layer):
             continue

@@ -108,9 +108,9 @@ def test_unsupported_layer_is_rejected(pristine_bert):
     model = pristine_bert
     before = _snapshot(model)
     with pytest.raises(ValueError) as error:
-        ka.enable_adapter(model, ka.LoRA(rank=2), targets="token_embedding")
-    assert "ReversibleEmbedding" in str(error.value)
-    assert "Dense and EinsumDense" in str(error.value)
+        ka.enable_adapter(model, ka.LoRA(rank=2), targets="embeddings_layer_norm")
+    assert "LayerNormalization" in str(error.value)
+    assert "Dense, EinsumDense, Embedding and Conv1D" in str(error.value)
     _assert_unchanged(model, before)
 
 

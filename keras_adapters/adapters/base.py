@@ -164,6 +164,9 @@ class Adapter:
 
     method = None
     additive = False
+    # The layer kinds the method adapts (`KernelView.kind`: "dense",
+    # "einsum_dense", "embedding", "conv"); None for every kind.
+    layer_kinds = None
     variable_axes = {}
     roles = {}
     peft_type = None
@@ -278,6 +281,30 @@ class Adapter:
             return ops.add(outputs, ops.cast(delta, outputs.dtype))
         adapted = self.adapted_kernel(weights, kernel, kernel.dense())
         return kernel.project_with(inputs, adapted)
+
+    def call_transposed(self, weights, kernel, inputs):
+        """`x W'^T`: the output of a layer that projects with its kernel
+        transposed, before its last steps.
+
+        A KerasHub `ReversibleEmbedding` with tied weights does this with
+        `reverse=True` (the output projection of a causal LM onto the
+        vocabulary); `kernel` is then an `EmbeddingKernel`. The default adds
+        `delta_transposed` to `kernel.project_transposed(x)` for additive
+        methods, and otherwise projects with the adapted table.
+        """
+        if self.additive:
+            outputs = kernel.project_transposed(inputs)
+            delta = self.delta_transposed(weights, kernel, inputs)
+            return ops.add(outputs, ops.cast(delta, outputs.dtype))
+        adapted = self.adapted_kernel(weights, kernel, kernel.dense())
+        return kernel.project_transposed_with(inputs, adapted)
+
+    def delta_transposed(self, weights, kernel, inputs):
+        """`x (W' - W)^T` for an additive method, in float32. The default
+        builds `W' - W`; LoRA has a low-rank path."""
+        base = ops.cast(kernel.dense(), "float32")
+        update = ops.subtract(self.adapted_kernel(weights, kernel, base), base)
+        return ops.matmul(ops.cast(inputs, "float32"), ops.transpose(update))
 
     # Optional hooks.
 

@@ -212,7 +212,7 @@ class DoRA(LowRankAdapter):
             ops.sum(ops.square(w), axis=tuple(in_axes)), (kernel.d_out,)
         )
         if kernel.equation is None:
-            a_t_w = ops.matmul(ops.transpose(a), w)
+            a_t_w = ops.matmul(ops.transpose(a), kernel.to_matrix(w))
         else:
             letters = string.ascii_letters[: len(kernel.kernel_shape) + 1]
             r = letters[-1]
@@ -276,6 +276,16 @@ class DoRA(LowRankAdapter):
         base_dropped = kernel.project(x)
         combined = kernel.scale_outputs(ops.add(base_dropped, update), scale)
         return ops.add(outputs, ops.subtract(combined, base_dropped))
+
+    def call_transposed(self, weights, kernel, inputs):
+        """`x W'^T = (x * m / ||V||_c) (W^T + s B^T A^T)`: a tied reverse
+        projection, with the magnitude on its inputs (no dropout)."""
+        x = ops.cast(inputs, "float32") * self.magnitude_scale(weights, kernel)
+        outputs = kernel.project_transposed(ops.cast(x, inputs.dtype))
+        hidden = ops.matmul(x, ops.transpose(weights["lora_b"])) * self.scale
+        update = ops.matmul(hidden, ops.transpose(weights["lora_a"]))
+        combined = ops.add(ops.cast(outputs, "float32"), update)
+        return ops.cast(combined, outputs.dtype)
 
     def per_example_factors(self, weights, kernel):
         # `(x W + s (x A) B) * m / ||V||_c`: the LoRA factors and DoRA's

@@ -354,6 +354,20 @@ class LoRA(LowRankAdapter):
             product = product - values["lora_a0"] @ values["lora_b0"]
         return matrix + self.scale * product
 
+    def delta_transposed(self, weights, kernel, inputs):
+        """`s (x B^T) A^T` (minus `s (x B0^T) A0^T`): a tied reverse
+        projection's update, without building `A B` (no dropout)."""
+        x = ops.cast(inputs, "float32")
+        pairs = [("lora_a", "lora_b", 1.0), ("lora_a0", "lora_b0", -1.0)]
+        delta = None
+        for a, b, sign in pairs:
+            if a not in weights:
+                continue
+            hidden = ops.matmul(x, ops.transpose(weights[b])) * (sign * self.scale)
+            term = ops.matmul(hidden, ops.transpose(weights[a]))
+            delta = term if delta is None else ops.add(delta, term)
+        return delta
+
     def plain_factors(self, weights):
         """`(A', B')` (NumPy float32) with `s A' B'` this layer's update.
 

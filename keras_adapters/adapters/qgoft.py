@@ -180,6 +180,8 @@ class _GivensAdapter(Adapter):
 
     strict = True
     orthogonality = 0.0
+    # A rotation of an embedding's rows (token ids) means nothing.
+    layer_kinds = ("dense", "einsum_dense", "conv")
 
     def _check_scale(self, scale, stage_order):
         self.scale = _validation.check_bool("scale", scale)
@@ -267,6 +269,9 @@ class _GivensAdapter(Adapter):
         return ops.transpose(rows)
 
     def call(self, weights, kernel, inputs, training=None):
+        if kernel.kind == "conv":
+            # R acts on patches, not on the inputs: build R W (exact).
+            return super().call(weights, kernel, inputs, training=training)
         blocks = self.stage_blocks(weights)
         scale = self._scale_vector(weights)
 

@@ -1,13 +1,21 @@
 """The frozen base kernel an adapter sees.
 
 `frozen_kernel(layer)` returns a `FloatKernel` for a float `Dense` or
-`EinsumDense` layer and a `QuantizedKernel` for an int8/int4 one. Both give
-adapter methods the same calls (2-D view, frozen projection, dense kernel
-for merges), so a method never needs to know how the base is stored.
+`EinsumDense` layer, a `QuantizedKernel` for an int8/int4 one, an
+`EmbeddingKernel` for an `Embedding` (and KerasHub's `ReversibleEmbedding`)
+and a `ConvKernel` for a `Conv1D`/`Conv2D`/`Conv3D`. All give adapter methods
+the same calls (2-D view, frozen projection, dense kernel for merges), so a
+method never needs to know how the base is stored or what kind of layer it
+adapts.
 """
 
 import keras
 
+from keras_adapters.kernels.conv import CONV_LAYERS
+from keras_adapters.kernels.conv import ConvKernel
+from keras_adapters.kernels.conv import unsupported_conv_reason
+from keras_adapters.kernels.embedding import EmbeddingKernel
+from keras_adapters.kernels.embedding import unsupported_embedding_reason
 from keras_adapters.kernels.float import FloatKernel
 from keras_adapters.kernels.quantized import QuantizedKernel
 from keras_adapters.kernels.quantized import is_quantized
@@ -16,10 +24,19 @@ from keras_adapters.kernels.quantized import unsupported_reason
 from keras_adapters.kernels.view import KernelView
 from keras_adapters.kernels.view import UnsupportedLayerError
 
-SUPPORTED_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense)
+# The projections (and the only layers Keras quantizes to int8/int4 for us).
+PROJECTION_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense)
+# Every layer an adapter can attach to.
+SUPPORTED_LAYERS = PROJECTION_LAYERS + (keras.layers.Embedding,) + CONV_LAYERS
+# The layer kinds (`KernelView.kind`), for `Adapter.layer_kinds`.
+LAYER_KINDS = ("dense", "einsum_dense", "embedding", "conv")
 
 __all__ = [
+    "ConvKernel",
+    "EmbeddingKernel",
     "FloatKernel",
+    "LAYER_KINDS",
+    "PROJECTION_LAYERS",
     "KernelView",
     "QuantizedKernel",
     "SUPPORTED_LAYERS",
@@ -32,11 +49,13 @@ __all__ = [
 
 
 def frozen_kernel(layer):
-    """The `FloatKernel` or `QuantizedKernel` of a built projection layer.
+    """The kernel object of a built layer adapters can attach to.
 
     Args:
         layer: a built `Dense` or `EinsumDense` layer, float or quantized
-            with Keras' `"int8"`/`"int4"` modes.
+            with Keras' `"int8"`/`"int4"` modes; a float `Embedding` (or
+            subclass, such as KerasHub's `ReversibleEmbedding`); a
+            `Conv1D`, `Conv2D` or `Conv3D` layer with `groups=1`.
 
     Returns:
         The kernel object adapters are built on.
@@ -49,14 +68,23 @@ def frozen_kernel(layer):
     if not isinstance(layer, SUPPORTED_LAYERS):
         raise UnsupportedLayerError(
             f"Layer '{layer.path or layer.name}' is of type {type(layer).__name__}; "
-            "adapters attach to Dense and EinsumDense layers."
+            "adapters attach to Dense, EinsumDense, Embedding and "
+            "Conv1D/Conv2D/Conv3D layers."
         )
     if not layer.built:
         raise UnsupportedLayerError(
             f"Layer '{layer.name}' is not built; build the model (call it on "
             "data or call build()) before enabling adapters."
         )
-    reason = unsupported_reason(layer)
+    if isinstance(layer, keras.layers.Embedding):
+        reason = unsupported_embedding_reason(layer)
+        kernel_class = EmbeddingKernel
+    elif isinstance(layer, CONV_LAYERS):
+        reason = unsupported_conv_reason(layer)
+        kernel_class = ConvKernel
+    else:
+        reason = unsupported_reason(layer)
+        kernel_class = QuantizedKernel if is_quantized(layer) else FloatKernel
     if reason is not None:
         raise UnsupportedLayerError(reason)
-    return QuantizedKernel(layer) if is_quantized(layer) else FloatKernel(layer)
+    return kernel_class(layer)

@@ -25,6 +25,9 @@ class FloatKernel(KernelView):
     """
 
     quantized = False
+    # Whether the layer also projects with its kernel transposed (a tied
+    # `ReversibleEmbedding`; see `EmbeddingKernel`).
+    transposable = False
 
     def __init__(self, layer):
         equation = (
@@ -53,6 +56,19 @@ class FloatKernel(KernelView):
     def project_with(self, inputs, kernel):
         """`x W'` for an adapted kernel `W'` (layer layout), in compute dtype."""
         return self.apply(inputs, ops.cast(kernel, self.compute_dtype))
+
+    def call_mode(self, **kwargs):
+        """How a call with these keyword arguments uses the kernel:
+        `"forward"` (see `EmbeddingKernel.call_mode` for the others)."""
+        return "forward"
+
+    def finish(self, outputs, inputs=None):
+        """The layer's own last steps on `outputs`: bias, then activation."""
+        if self.layer.bias is not None:
+            outputs = ops.add(outputs, self.layer.bias)
+        if self.layer.activation is not None:
+            outputs = self.layer.activation(outputs)
+        return outputs
 
     def dense(self):
         """The frozen kernel as a float tensor in the layer's layout."""

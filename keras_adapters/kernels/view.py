@@ -37,6 +37,10 @@ class KernelView:
     (16, 16)
     """
 
+    # Whether the layer's inputs are indices into the kernel's rows (an
+    # embedding lookup) rather than features.
+    index_inputs = False
+
     def __init__(self, kernel_shape, equation=None):
         kernel_shape = tuple(int(d) for d in kernel_shape)
         self.kernel_shape = kernel_shape
@@ -69,8 +73,12 @@ class KernelView:
             free = [c for c in string.ascii_letters if c not in self.equation]
             self._rank_letter = free[0]
         else:
+            # A `Dense` kernel `(d_in, d_out)`, or a kernel whose last axis is
+            # the output and whose other axes are inputs (a convolution's
+            # `(*kernel_size, channels, filters)`).
             self.equation = None
-            in_axes, out_axes = [0], [1]
+            in_axes = list(range(len(kernel_shape) - 1))
+            out_axes = [len(kernel_shape) - 1]
         self.perm = tuple(in_axes + out_axes)
         self.inverse_perm = tuple(
             sorted(range(len(self.perm)), key=self.perm.__getitem__)
@@ -80,6 +88,12 @@ class KernelView:
         self.d_in = math.prod(self.in_shape)
         self.d_out = math.prod(self.out_shape)
         self._transposed = self.perm != tuple(range(len(self.perm)))
+
+    @property
+    def kind(self) -> str:
+        """The layer kind (`"dense"`, `"einsum_dense"`, `"embedding"`,
+        `"conv"`): what `Adapter.layer_kinds` names."""
+        return "dense" if self.equation is None else "einsum_dense"
 
     def to_matrix(self, kernel):
         """Kernel (layer layout) -> `(d_in, d_out)` matrix."""

@@ -5,6 +5,7 @@ safetensors (not the Keras one), and commit the output:
 
     python tests/data/make_peft_fixtures.py
     python tests/data/make_peft_fixtures.py --dora   # only the DoRA fixtures
+    python tests/data/make_peft_fixtures.py --embeddings  # only embed_tokens
 
 A full run writes everything; `--dora` writes only the DoRA adapters
 (`bert_dora/`, `gemma_dora/`) on the existing base checkpoints, their
@@ -285,6 +286,12 @@ Do not edit by hand: change the script and run it again.
   alpha=16, rsLoRA), with random factors and magnitudes;
   `outputs_dora.npz` holds their PyTorch outputs (same inputs as
   `outputs.npz`), `versions_dora.json` the library versions.
+- `llama_embed_lora/`, `gemma_embed_lora/` (`--embeddings`): PEFT LoRA on
+  `embed_tokens` (tensors `lora_embedding_A` `(r, vocab)` and
+  `lora_embedding_B` `(hidden, r)`), `q_proj` and `v_proj` of the `llama`
+  (untied) and `gemma` (tied) checkpoints, r=3, alpha=6, random factors;
+  `outputs_embeddings.npz` holds the decoder bodies' outputs,
+  `versions_embeddings.json` the library versions.
 """
 
 
@@ -347,6 +354,60 @@ def _versions():
     }
 
 
+def embeddings(token_ids, padding_mask):
+    """LoRA on `embed_tokens` (and `q_proj`, `v_proj`) of the existing
+    `llama` (untied) and `gemma` (tied: the output projection reuses the
+    table) checkpoints: the decoder bodies' outputs, which the lookup feeds
+    and the output projection does not touch."""
+    outputs = {}
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    mask = torch.tensor(padding_mask, dtype=torch.long)
+    classes = {
+        "llama": transformers.LlamaForCausalLM,
+        "gemma": transformers.GemmaForCausalLM,
+    }
+    for kind, cls in classes.items():
+        base = cls.from_pretrained(OUT / kind).eval()
+        model = _peft_model(
+            base,
+            r=3,
+            lora_alpha=6,
+            target_modules=["embed_tokens", "q_proj", "v_proj"],
+            task_type="CAUSAL_LM",
+        )
+        # PEFT names the embedding's factors lora_embedding_A/B.
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, parameter in sorted(model.named_parameters()):
+                if "lora_" in name:
+                    parameter.copy_(
+                        torch.randn(parameter.shape, generator=generator) * LORA_STD
+                    )
+        with torch.no_grad():
+            body = model.base_model.model.model
+            result = body(input_ids=ids, attention_mask=mask)
+        outputs[f"{kind}_embed_lora/sequence_output"] = result.last_hidden_state.numpy()
+        _save_adapter(model, OUT / f"{kind}_embed_lora", kind)
+    return outputs
+
+
+def main_embeddings():
+    """Writes only the embedding fixtures; the others stay as they are."""
+    torch.set_num_threads(1)
+    stored = np.load(OUT / "outputs.npz")
+    token_ids, padding_mask = stored["token_ids"], stored["padding_mask"]
+    for name in ("llama_embed_lora", "gemma_embed_lora"):
+        if (OUT / name).exists():
+            shutil.rmtree(OUT / name)
+    outputs = embeddings(token_ids, padding_mask)
+    np.savez_compressed(OUT / "outputs_embeddings.npz", **outputs)
+    versions = {**_versions(), "generated_by": "make_peft_fixtures.py --embeddings"}
+    (OUT / "versions_embeddings.json").write_text(json.dumps(versions, indent=2) + "\n")
+    for path in sorted(OUT.rglob("*embed*")):
+        if path.is_file():
+            print(f"{path.relative_to(OUT)}: {path.stat().st_size:,} bytes")
+
+
 def main_dora():
     """Writes only the DoRA fixtures; the others stay as they are."""
     torch.set_num_threads(1)
@@ -392,6 +453,7 @@ def main():
     (OUT / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
     (OUT / "README.md").write_text(README)
     main_dora()
+    main_embeddings()
     for path in sorted(OUT.rglob("*")):
         if path.is_file():
             print(f"{path.relative_to(OUT)}: {path.stat().st_size:,} bytes")
@@ -402,7 +464,15 @@ if __name__ == "__main__":
     parser.add_argument(
         "--dora", action="store_true", help="write only the DoRA fixtures"
     )
-    if parser.parse_args().dora:
+    parser.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="write only the embed_tokens LoRA fixtures",
+    )
+    arguments = parser.parse_args()
+    if arguments.dora:
         main_dora()
+    elif arguments.embeddings:
+        main_embeddings()
     else:
         main()
