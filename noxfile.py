@@ -167,7 +167,19 @@ def bench_peft(session):
     `benchmarks/bench_vs_peft.py`: PEFT, then keras_adapters under JAX and
     TensorFlow, one after another. Options after `--` (e.g. `-- --full
     --jax-cache --quick`); results in benchmarks/results/vs-peft.json.
+    `KA_TORCH_PYTHON=/path/to/python` uses an existing environment with
+    torch, transformers and peft instead.
     """
+    _install(session)
+    # An existing environment with torch, transformers and peft (for a machine
+    # that reaches PyPI only, where PyTorch's CPU index is out of reach).
+    torch_python = os.environ.get("KA_TORCH_PYTHON")
+    if torch_python:
+        session.run(
+            "python", "benchmarks/bench_vs_peft.py", "--torch-python", torch_python,
+            *session.posargs,
+        )  # fmt: skip
+        return
     torch_env = pathlib.Path(session.virtualenv.location).with_name("bench_peft-torch")
     torch_python = str(torch_env / "bin" / "python")
     if not pathlib.Path(torch_python).exists():
@@ -179,7 +191,6 @@ def bench_peft(session):
         "torch", "transformers", "peft", "numpy",
         external=True,
     )  # fmt: skip
-    _install(session)
     session.run(
         "python",
         "benchmarks/bench_vs_peft.py",
