@@ -105,3 +105,18 @@ def apply_jax_config(items):
         for name, value in pairs:
             jax.config.update(name, value)
     return dict(pairs)
+
+
+def compiled_jax_train_step(model, x, y):
+    """The model's JAX train step, lowered and compiled by XLA for `(x, y)`
+    (the optimizer must be built: train on one batch first)."""
+    import jax
+
+    state = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+        purge_model_variables=False,
+    )
+    return jax.jit(model.train_step).lower(state, (x, y, None)).compile()

@@ -17,8 +17,8 @@ Usage:
 import argparse
 
 import bench_methods
-import jax
 import keras
+from _common import compiled_jax_train_step
 from _common import make_batch
 from _common import metadata
 from _common import write_json
@@ -28,14 +28,7 @@ def analyse(method):
     x, y = make_batch()
     model = bench_methods.prepare(method)
     model.train_on_batch(x, y)  # builds the optimizer and metrics
-    state = model._get_jax_state(
-        trainable_variables=True,
-        non_trainable_variables=True,
-        optimizer_variables=True,
-        metrics_variables=True,
-        purge_model_variables=False,
-    )
-    compiled = jax.jit(model.train_step).lower(state, (x, y, None)).compile()
+    compiled = compiled_jax_train_step(model, x, y)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -56,6 +56,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import apply_jax_config  # noqa: E402
+from _common import compiled_jax_train_step  # noqa: E402
 from _common import make_batch  # noqa: E402
 from _common import metadata  # noqa: E402
 from _common import write_json  # noqa: E402
@@ -268,17 +269,7 @@ def cost_analysis(model, x, y):
     """XLA's estimate of the JAX step's FLOPs and bytes (JAX only)."""
     if BACKEND != "jax":
         return None
-    import jax
-
-    state = model._get_jax_state(
-        trainable_variables=True,
-        non_trainable_variables=True,
-        optimizer_variables=True,
-        metrics_variables=True,
-        purge_model_variables=False,
-    )
-    compiled = jax.jit(model.train_step).lower(state, (x, y, None)).compile()
-    cost = compiled.cost_analysis()
+    cost = compiled_jax_train_step(model, x, y).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     keep = ("flops", "bytes accessed", "transcendentals")
     return {k: float(cost[k]) for k in keep if k in cost}

@@ -9,6 +9,7 @@ NaN and infinities are refused everywhere.
 import math
 import numbers
 
+import keras
 import numpy as np
 
 
@@ -129,3 +130,15 @@ def check_finite_array(name: str, value) -> np.ndarray:
             + (" containing NaN or inf." if array.dtype.kind == "f" else ".")
         )
     return array
+
+
+def check_model(model):
+    """Raises unless `model` is a built `keras.Model`."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Expected a Keras model, received {type(model).__name__}: {model!r}."
+        )
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built; call it on data or call build() first."
+        )

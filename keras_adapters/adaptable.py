@@ -14,6 +14,7 @@ import keras
 
 from keras_adapters import _keras_internals as internals
 from keras_adapters._tables import format_table
+from keras_adapters._validation import check_model
 from keras_adapters.adapters.base import ADAPTER_METHODS
 from keras_adapters.kernels import LAYER_KINDS
 from keras_adapters.kernels import SUPPORTED_LAYERS
@@ -156,14 +157,7 @@ def adaptable_layers(model: keras.Model) -> AdaptableLayers:
     lora_targets = report.paths(method="lora")
     ```
     """
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Expected a Keras model, received {type(model).__name__}: {model!r}."
-        )
-    if not model.built:
-        raise ValueError(
-            f"Model '{model.name}' is not built; call it on data or call build() first."
-        )
+    check_model(model)
     rows = []
     for layer, parent in internals.layers_with_parents(model):
         supported = isinstance(layer, SUPPORTED_LAYERS)

@@ -14,6 +14,7 @@ from keras_adapters import layers as adapter_layers
 from keras_adapters import placement
 from keras_adapters import targeting
 from keras_adapters._tables import format_table
+from keras_adapters._validation import check_model
 from keras_adapters.adapters.base import Adapter
 from keras_adapters.adapters.base import restoring
 from keras_adapters.kernels import quantization_mode
@@ -168,17 +169,6 @@ def adapter_variables(model: keras.Model, names: str | list[str] | None = None) 
         for layer in adapted_layers(model)
         for v in adapter_layers.adapter_variables(layer, names).values()
     ]
-
-
-def check_model(model):
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Expected a Keras model, received {type(model).__name__}: {model!r}."
-        )
-    if not model.built:
-        raise ValueError(
-            f"Model '{model.name}' is not built; call it on data or call build() first."
-        )
 
 
 def enable_adapter(

@@ -76,20 +76,25 @@ def path_role(path):
     return projection_role(parts[-2])
 
 
-def check_roles(roles, argument="roles") -> tuple:
-    """`roles` (a role or a sequence of roles) as a tuple without repeats."""
+def check_roles(roles, argument="roles", known=None, kind="attention") -> tuple:
+    """`roles` (a role or a sequence of roles) as a tuple without repeats.
+
+    `known` is the allowed roles (`ATTENTION_ROLES` by default) and `kind`
+    names them in errors.
+    """
+    known = tuple(known or ATTENTION_ROLES)
     if isinstance(roles, str):
         roles = (roles,)
     if not isinstance(roles, (list, tuple)) or not roles:
         raise ValueError(
-            f"`{argument}` must be a non-empty tuple of attention roles from "
-            f"{list(ATTENTION_ROLES)}; received {roles!r}."
+            f"`{argument}` must be a non-empty tuple of {kind} roles from "
+            f"{list(known)}; received {roles!r}."
         )
     for role in roles:
-        if role not in ATTENTION_ROLES:
+        if role not in known:
             raise ValueError(
-                f"Unknown attention role {role!r} in `{argument}`; the roles are "
-                f"{list(ATTENTION_ROLES)}."
+                f"Unknown {kind} role {role!r} in `{argument}`; the roles are "
+                f"{list(known)}."
             )
     return tuple(dict.fromkeys(roles))
 
@@ -156,17 +161,4 @@ def layer_role(layer, parent):
 def check_mlp_roles(roles, argument="roles") -> tuple:
     """`roles` (an MLP role or a sequence of them) as a tuple without
     repeats."""
-    if isinstance(roles, str):
-        roles = (roles,)
-    if not isinstance(roles, (list, tuple)) or not roles:
-        raise ValueError(
-            f"`{argument}` must be a non-empty tuple of MLP roles from "
-            f"{list(MLP_ROLES)}; received {roles!r}."
-        )
-    for role in roles:
-        if role not in MLP_ROLES:
-            raise ValueError(
-                f"Unknown MLP role {role!r} in `{argument}`; the roles are "
-                f"{list(MLP_ROLES)}."
-            )
-    return tuple(dict.fromkeys(roles))
+    return check_roles(roles, argument, known=MLP_ROLES, kind="MLP")
