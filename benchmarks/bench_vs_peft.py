@@ -48,15 +48,13 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
-BATCH, SEQ, NUM_CLASSES, RANK, ALPHA, LR = 16, 128, 5, 8, 16, 1e-4
-MINILM = dict(
-    vocabulary_size=30522,
-    num_layers=6,
-    num_heads=12,
-    hidden_dim=384,
-    intermediate_dim=1536,
-    max_sequence_length=512,
-)
+sys.path.insert(0, str(HERE))
+from _task import BATCH  # noqa: E402
+from _task import BERT as MINILM  # noqa: E402
+from _task import NUM_CLASSES  # noqa: E402
+from _task import SEQ  # noqa: E402
+
+RANK, ALPHA, LR = 8, 16, 1e-4
 
 
 def peak_rss_mb():

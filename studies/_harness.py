@@ -460,3 +460,10 @@ def open_study(name: str, args) -> Study:
 
 def log(message: str) -> None:
     print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def check_names(names, known, what="cell"):
+    """Raises on a name not in `known`, naming the allowed ones."""
+    for name in names:
+        if name not in known:
+            raise ValueError(f"Unknown {what} {name!r}; known: {sorted(known)}.")

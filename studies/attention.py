@@ -71,9 +71,7 @@ def main(argv=None):
     names = [c.strip() for c in args.cells.split(",") if c.strip()]
     if args.quick:
         names = ["qv_r8_l4"]
-    for name in names:
-        if name not in CELLS:
-            raise ValueError(f"Unknown cell {name!r}; known: {sorted(CELLS)}.")
+    harness.check_names(names, CELLS)
     if not args.report:
         import keras
 

@@ -195,9 +195,7 @@ def main(argv=None):
     seeds = list(range(args.seeds or (1 if args.quick else 5)))
     shots, epochs, length = (4, 2, 32) if args.quick else (8, args.epochs, 64)
     names = ["lp_lora"] if args.quick else [c.strip() for c in args.cells.split(",")]
-    for name in names:
-        if name not in CELLS:
-            raise ValueError(f"Unknown cell {name!r}; known: {sorted(CELLS)}.")
+    harness.check_names(names, CELLS)
     if not args.report:
         import keras
 

@@ -81,9 +81,7 @@ def main(argv=None):
         # comparison; the study itself runs every method.
         args.methods = "lora,qgoft" if args.quick else ",".join(METHODS)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"Unknown method {m!r}; known: {sorted(METHODS)}.")
+    harness.check_names(methods, METHODS, "method")
     if not args.report:
         import keras
 
