@@ -12,7 +12,10 @@ parameters, head's 1,925 not counted):
 - LoRA r=2 (alpha 4): 18,432; HUT r=2 (alpha 4): 18,432; DoRA r=2
   (alpha 4): 23,040 (+4,608 magnitudes); qGOFT (lambda 1e-3): 18,384 --
   the ~18k tier, qGOFT's budget matched as in the paper's Table 1;
-- GOFT: 4,596 (the paper's "quarter" method), reported beside them.
+- GOFT: 4,596 (the paper's "quarter" method), reported beside them;
+- two references for the docs' trade-off figure: full fine-tuning (every
+  weight, 22.7M) and Keras' built-in LoRA (`backbone.enable_lora(2)`: query
+  and value, scale 1 since Keras sets alpha to the rank, `he_uniform` A).
 
 Few-shot: `--shots` (8) training and 8 validation articles per class,
 fixed 300-article test set, 64 tokens, batch 8, `--epochs` (10) epochs of
@@ -21,7 +24,7 @@ Learning rate: a grid of two per method (below); both rates run seeds 0 and
 1, the rate with the higher mean best-epoch validation accuracy on those
 (ties: the lower rate) then runs the remaining seeds, and only the picked
 rate is reported on test. Methods run one after the other (LoRA, qGOFT,
-HUT, DoRA, GOFT), each complete before the next, so a stopped study has
+HUT, DoRA, GOFT, full, Keras' LoRA), each complete before the next, so a stopped study has
 whole methods. Paired over seeds: every method sees the same
 split and head init at a seed.
 
@@ -47,6 +50,9 @@ METHODS = {
     "hut": (lambda ka: ka.HUT(rank=2, alpha=4), (3e-3, 1e-2)),
     "dora": (lambda ka: ka.DoRA(rank=2, alpha=4), (1e-3, 3e-3)),
     "goft": (lambda ka: ka.GOFT(), (3e-3, 1e-2)),
+    # References, configured in `configure` (no ka adapter):
+    "full": (None, (3e-5, 1e-4)),
+    "keras_lora": (None, (1e-3, 3e-3)),
 }
 PAPER = {"lora": 88.33, "qgoft": 89.35, "goft": 88.78}  # GLUE avg, Table 1
 
@@ -55,6 +61,13 @@ def configure(name):
     def apply(classifier):
         import keras_adapters as ka
 
+        if name == "full":
+            return  # every weight trains
+        if name == "keras_lora":
+            # Keras' own: freezes the backbone, LoRA on query and value; the
+            # head (outside the backbone) stays trainable.
+            classifier.backbone.enable_lora(2)
+            return
         # A KerasHub Task's head stays trainable.
         ka.enable_adapter(
             classifier, METHODS[name][0](ka), targets=ka.attention("query", "value")
