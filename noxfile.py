@@ -204,7 +204,8 @@ def bench_peft(session):
 def figures(session):
     """Redraws docs/figures/method_tradeoff.png from benchmarks/results/.
 
-    Pass `-- --accuracy FILE` (JSON `{method: accuracy %}`) to add accuracies.
+    Accuracies come from docs/studies/methods/accuracy.json (the methods
+    study); `-- --accuracy none` draws the step-time panel only.
     """
     session.install("matplotlib")
     session.run("python", "benchmarks/plot_tradeoff.py", *session.posargs)

@@ -15,10 +15,11 @@ and gets the same matrix with no other edit.
 Each suite builds and trains once per (method, model) and class, then checks
 one invariant per test against that state. The checks in other processes
 (another backend, several devices) cost a backend start-up each, so they run
-once, in `test_adapter_matrix.TestInOtherProcesses`, for every registered
-method: the library's and those that test modules define (pytest imports
-every test module before it runs any test). The scripts import the modules
-that define the methods, so methods defined in test files work there too.
+once, in `test_adapter_matrix.TestOtherBackend` and `TestSeveralDevices`,
+for every registered method: the library's and those that test modules
+define (pytest imports every test module before it runs any test). The
+scripts import the modules that define the methods, so methods defined in
+test files work there too.
 """
 
 import dataclasses
@@ -616,7 +617,3 @@ class DistributionMatrix:
 
 class SharedMatrix(AdapterMatrix, QuantizedMatrix, PrecisionMatrix):
     """The in-process suites; subclass it and set `methods`."""
-
-
-class OtherProcessMatrix(CrossBackendMatrix, DistributionMatrix):
-    """The suites in other processes, for every registered method."""

@@ -4,12 +4,13 @@ registers; see `matrix.py`.
 The in-process suites run in one class per method, so that `pytest -n`
 (`--dist loadscope`, as `nox -s tests` runs it) spreads the methods over
 workers; the checks in another process (the other backend, several devices)
-run once for every registered method together (the library's and those test
+run once each for every registered method together (the library's and those test
 modules define, such as `test_custom_method.py`'s IA3), each process costing
 a backend start-up.
 """
 
-from matrix import OtherProcessMatrix
+from matrix import CrossBackendMatrix
+from matrix import DistributionMatrix
 from matrix import SharedMatrix
 
 from keras_adapters.adapters.base import ADAPTER_METHODS
@@ -32,5 +33,11 @@ for _method in LIBRARY_METHODS:
     )
 
 
-class TestInOtherProcesses(OtherProcessMatrix):
+# Two classes, so that pytest-xdist can run the two subprocess suites (about
+# a minute each) on different workers.
+class TestOtherBackend(CrossBackendMatrix):
+    pass
+
+
+class TestSeveralDevices(DistributionMatrix):
     pass
