@@ -316,12 +316,12 @@ def _enable(model, adapter, targets, keep_trainable, name, validate=True):
                 type(layer).__name__,
                 kernel.kernel_shape,
                 (kernel.d_in, kernel.d_out),
-                layer_adapter.num_parameters(kernel),
+                _num_parameters(layer_adapter, kernel),
             )
             for layer, kernel, layer_adapter in plan
         ],
         skipped=skipped,
-        adapter_params=sum(a.num_parameters(kernel) for _, kernel, a in plan),
+        adapter_params=sum(_num_parameters(a, kernel) for _, kernel, a in plan),
         trainable_params=_count(model.trainable_weights),
         total_params=_count(model.weights),
         layer_adapters=[a for _, _, a in plan],
@@ -680,6 +680,12 @@ def combine_adapters(model: keras.Model, weights: dict, name: str) -> AdapterRep
             new[short].assign(value)
     set_active_adapters(model, active)
     return report
+
+
+def _num_parameters(adapter, kernel):
+    """The adapter's parameters on one layer: per kernel of a stack (the
+    experts of an MoE layer) times the stack size."""
+    return adapter.num_parameters(kernel) * math.prod(kernel.stack_shape)
 
 
 def _restore(model, state):

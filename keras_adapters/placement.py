@@ -18,6 +18,9 @@ from keras_adapters.kernels import frozen_kernel
 
 INPUT = "in"
 OUTPUT = "out"
+# The stack axes of a stacked kernel (the experts of an MoE layer), laid out
+# like the kernel's leading axes.
+STACK = "stack"
 
 
 class KernelDerivedLayout(keras.distribution.TensorLayout):
@@ -165,7 +168,7 @@ def adapter_variable_axes(kernel_axes, view, variable_axes, device_mesh=None):
             "`variable_axes` must be a tuple of 'in', 'out' or None, one per "
             f"axis of the adapter variable; received {variable_axes!r}."
         )
-    bad = [a for a in variable_axes if a not in (INPUT, OUTPUT, None)]
+    bad = [a for a in variable_axes if a not in (INPUT, OUTPUT, STACK, None)]
     if bad:
         raise ValueError(
             f"`variable_axes` entries must be 'in', 'out' or None; received "
@@ -173,7 +176,8 @@ def adapter_variable_axes(kernel_axes, view, variable_axes, device_mesh=None):
         )
     in_axis, out_axis = view_mesh_axes(kernel_axes, view, device_mesh)
     mesh_axis = {INPUT: in_axis, OUTPUT: out_axis, None: None}
-    axes = [mesh_axis[a] for a in variable_axes]
+    stack = list(kernel_axes[: len(getattr(view, "stack_shape", ()))])
+    axes = [stack.pop(0) if a == STACK else mesh_axis[a] for a in variable_axes]
     # A mesh axis shards at most one axis of a variable.
     seen = set()
     for i, name in enumerate(axes):
@@ -289,7 +293,9 @@ def _check_layout_entries(adapter, layers):
     if active is None:
         return
     for layer in layers:
+        stack = len(frozen_kernel(layer).stack_shape)
         for name, axes in adapter.variable_axes.items():
+            axes = (STACK,) * stack + tuple(axes)
             path = f"{layer.path}/{name}"
             try:
                 layout = _explicit_layout(active, path)

@@ -143,6 +143,9 @@ class LoRA(LowRankAdapter):
 
     method = "lora"
     additive = True
+    # Every kind, the stacked experts of MoE layers too: its factors get the
+    # expert axis in front and its math batches over it.
+    layer_kinds = ("dense", "einsum_dense", "embedding", "conv", "experts")
     factor_names = ("lora_a", "lora_b")
     variable_axes = {
         "lora_a": ("in", None),
@@ -234,6 +237,15 @@ class LoRA(LowRankAdapter):
             **self._pattern_config(),
             **({} if self.init is None else {"init": self.init}),
         }
+
+    def validate(self, kernel):
+        super().validate(kernel)
+        if self.init is not None and kernel.stack_shape:
+            raise ValueError(
+                f"LoRA(init={self.init!r}) computes its factors from a 2-D base "
+                f"kernel, but layer '{kernel.path}' holds a stack of "
+                f"{kernel.stack_shape} expert kernels; use init=None there."
+            )
 
     def num_parameters(self, kernel):
         # The initial factors (constants) count: they are stored per layer.
