@@ -167,8 +167,9 @@ class AdapterMatrix:
     # Embedding of positions, MultiHeadAttention) and a tied
     # ReversibleEmbedding language model with a causal Conv1D; BERT's
     # projections (a classifier) are in the quantized, cross-backend and
-    # multi-device suites.
-    models = ("gemma", "functional", "vit", "tied_lm")
+    # multi-device suites. A Mixtral's stacked expert kernels run for the
+    # methods that adapt experts (`ModelCase.requires_kind`).
+    models = ("gemma", "functional", "vit", "tied_lm", "mixtral")
 
     @pytest.fixture(scope="class")
     def trained(self, request, tmp_path_factory):
