@@ -655,6 +655,17 @@ def combine_adapters(model: keras.Model, weights: dict, name: str) -> AdapterRep
     combined = type(adapters[0]).combine(adapters, coefficients)
     root = adapted_root(model)
     paths = list(dict.fromkeys(p for n in names for p in groups[n].layer_paths))
+    stacked = [
+        layer.path
+        for layer in adapted_layers(model)
+        if layer._keras_adapters_kernel.stack_shape
+        and targeting.relative_path(root.name, layer.path) in paths
+    ]
+    if stacked:
+        raise ValueError(
+            f"combine_adapters does not support adapters on stacked expert "
+            f"weights; the adapters {names} adapt {stacked}."
+        )
     active = list(adapter_state(model).active)
     with warnings.catch_warnings():
         # The optimizer check runs once, after the active set is restored.
