@@ -22,8 +22,8 @@ from keras import ops
 
 from keras_adapters import _keras_internals as internals
 from keras_adapters import placement
-from keras_adapters.kernels import SUPPORTED_LAYERS
 from keras_adapters.kernels import LAYER_KINDS
+from keras_adapters.kernels import SUPPORTED_LAYERS
 from keras_adapters.kernels import KernelView
 from keras_adapters.kernels import UnsupportedLayerError
 from keras_adapters.kernels import adapts_kind

@@ -234,8 +234,8 @@ def _matchers(targets):
         return [(f"callable {name}", lambda layer, parent: bool(targets(layer)))]
     raise ValueError(
         f"Invalid target {targets!r} of type {type(targets).__name__}; a target is "
-        "ka.attention(...), ka.mlp(...), ka.experts(...), a layer name or path regex (str), a "
-        "callable layer -> bool, or a list of these."
+        "ka.attention(...), ka.mlp(...), ka.experts(...), a layer name or path "
+        "regex (str), a callable layer -> bool, or a list of these."
     )
 
 

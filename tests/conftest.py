@@ -66,7 +66,9 @@ def pytest_generate_tests(metafunc):
 
         def runs(method, model):
             kind = MODELS[model].requires_kind
-            return kind is None or adapts_kind(ADAPTER_METHODS[method].layer_kinds, kind)
+            return kind is None or adapts_kind(
+                ADAPTER_METHODS[method].layer_kinds, kind
+            )
 
         cases = [
             (m, model)

@@ -29,7 +29,6 @@ from cases import predict  # noqa: E402
 
 import keras_adapters as ka  # noqa: E402
 from keras_adapters.adapters.base import ADAPTER_METHODS  # noqa: E402
-
 from keras_adapters.kernels import adapts_kind  # noqa: E402
 
 # BERT's and Gemma's projections; ViT's Conv2D, Embedding and attention; the

@@ -135,7 +135,9 @@ def test_adaptable_layers_lists_experts_for_lora_only():
     assert info["layers"] == 3
     assert info["methods"] == ["lora"]
     assert set(info["roles"]) == {"gate", "up", "down"}
-    router = [r for r in report.layers if r.path.endswith("/sparse_feedforward_gate_dense")]
+    router = [
+        r for r in report.layers if r.path.endswith("/sparse_feedforward_gate_dense")
+    ]
     assert [(r.kind, r.role) for r in router] == [("dense", None)]
 
 

@@ -15,9 +15,9 @@ from keras_adapters.kernels.conv import CONV_LAYERS
 from keras_adapters.kernels.conv import ConvKernel
 from keras_adapters.kernels.conv import unsupported_conv_reason
 from keras_adapters.kernels.embedding import EmbeddingKernel
+from keras_adapters.kernels.embedding import unsupported_embedding_reason
 from keras_adapters.kernels.experts import ExpertProjection
 from keras_adapters.kernels.experts import ExpertsKernel
-from keras_adapters.kernels.embedding import unsupported_embedding_reason
 from keras_adapters.kernels.float import FloatKernel
 from keras_adapters.kernels.quantized import QuantizedKernel
 from keras_adapters.kernels.quantized import is_quantized
@@ -30,10 +30,7 @@ from keras_adapters.kernels.view import UnsupportedLayerError
 PROJECTION_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense)
 # Every layer an adapter can attach to.
 SUPPORTED_LAYERS = (
-    PROJECTION_LAYERS
-    + (keras.layers.Embedding,)
-    + CONV_LAYERS
-    + (ExpertProjection,)
+    PROJECTION_LAYERS + (keras.layers.Embedding,) + CONV_LAYERS + (ExpertProjection,)
 )
 # The layer kinds (`KernelView.kind`), for `Adapter.layer_kinds`.
 LAYER_KINDS = ("dense", "einsum_dense", "embedding", "conv", "experts")

@@ -94,9 +94,7 @@ def _qwen_call(layer, hidden_states, project):
 
 _TOKENS_IN = "th,ehm->etm"
 _EXPERTS_IN = "eti,eih->eth"
-_DOWN = ExpertWeight(
-    "_expert_feedforward_output_dense", "down", _EXPERTS_IN, ("down",)
-)
+_DOWN = ExpertWeight("_expert_feedforward_output_dense", "down", _EXPERTS_IN, ("down",))
 _QWEN = ExpertsSpec(
     weights=(
         ExpertWeight(
@@ -165,9 +163,7 @@ class ExpertProjection(keras.layers.Layer):
 
     def __init__(self, parent, weight):
         variable = getattr(parent, weight.attribute)
-        super().__init__(
-            name=weight.attribute.lstrip("_"), dtype=parent.dtype_policy
-        )
+        super().__init__(name=weight.attribute.lstrip("_"), dtype=parent.dtype_policy)
         # Untracked: the variable stays the parent's, saved and trained there.
         object.__setattr__(self, "_kernel", variable)
         # A weak reference, not the layer: Keras' saving walks attributes,
@@ -216,9 +212,7 @@ class _ExpertsLayer:
     def call(self, hidden_states):
         projections = self._keras_adapters_projections
         by_key = projections.by_key
-        return projections.spec.call(
-            self, hidden_states, lambda key, x: by_key[key](x)
-        )
+        return projections.spec.call(self, hidden_states, lambda key, x: by_key[key](x))
 
 
 def _tracked_name(projection):
@@ -269,9 +263,7 @@ class ExpertsKernel(KernelView):
         self.d_in, self.d_out = shape[1], shape[2]
         # The view's input axis, then its output axis (for placement).
         self.perm = (1, 2)
-        self._rank_letter = next(
-            c for c in "rqpzyx" if c not in equation
-        )
+        self._rank_letter = next(c for c in "rqpzyx" if c not in equation)
         self.layer = layer
         self.path = layer.path or layer.name
 
