@@ -13,6 +13,10 @@ experts.
 """
 
 import importlib
+import json
+import os
+import subprocess
+import sys
 
 import keras
 import keras_hub
@@ -172,6 +176,33 @@ def test_expert_axis_is_laid_out_like_the_kernels_first_axis():
     lora_a = placement.adapter_variable_axes(axes, kernel, ("stack", "in", None))
     lora_b = placement.adapter_variable_axes(axes, kernel, ("stack", None, "out"))
     assert (lora_a, lora_b) == (("model", None, None), ("model", None, "batch"))
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="keras.distribution runs on JAX"
+)
+def test_experts_adapters_on_four_devices(tmp_path):
+    """Expert weights sharded over the experts: the factors are sharded the
+    same way, training equals one device, the merge is exact."""
+    output = tmp_path / "results.json"
+    script = os.path.join(os.path.dirname(__file__), "moe_distribution_check.py")
+    result = subprocess.run(
+        [sys.executable, script, str(output)],
+        env={**os.environ, "KERAS_BACKEND": "jax"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    results = json.loads(output.read_text())
+    assert results["devices"] == 4
+    np.testing.assert_allclose(results["multi"], results["single"], rtol=1e-5)
+    assert results["single"][-1] < results["single"][0]
+    assert len(results["layouts"]) == 6
+    for path, layout in results["layouts"].items():
+        assert "/experts/expert_feedforward_" in path
+        assert layout == ["model", None, None], path
+    assert results["merged_difference"] <= 1e-6
 
 
 # ------------------------------------------------ Qwen3-MoE (fused gate + up)

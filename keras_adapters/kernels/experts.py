@@ -172,7 +172,10 @@ class ExpertProjection(keras.layers.Layer):
         self.equation = weight.equation
         self.key = weight.key
         self.mlp_roles = tuple(weight.roles)
-        self._path = f"{_stable_path(parent.path or parent.name)}/{self.name}"
+        parent_path = _stable_path(parent.path or parent.name)
+        self._path = f"{parent_path}/{self.name}"
+        # Adapter variables' paths start with it (`<path>/lora_a`).
+        self._parent_path = parent_path
         self.built = True
 
     def call(self, inputs):
