@@ -67,7 +67,10 @@ class LoRA(LowRankAdapter):
     (rank-stabilized LoRA). For an `EinsumDense` kernel with more than two
     axes, `A B` factorizes the kernel viewed as a 2-D
     `(input axes, output axes)` matrix, as PEFT does on the flattened
-    projection (see `keras_adapters.kernels.KernelView`).
+    projection (see `keras_adapters.kernels.KernelView`). On the stacked
+    expert weights of a mixture-of-experts layer (`ExpertsKernel`) every
+    expert has its own factors, `A` `(experts, d_in, r)` and `B` `(experts,
+    r, d_out)`, applied with batched einsums over the expert axis.
 
     Training uses the activation path `x W + s ((dropout(x) A) B)`: the
     adapted kernel is never built, and the weight gradient of the frozen
