@@ -38,6 +38,8 @@ from keras_adapters.kernels.experts import experts_spec
 from keras_adapters.layers import adapter_variables
 
 RNG = np.random.default_rng(0)
+# Token ids and padding masks of the causal LM cases.
+X = MODELS["mixtral"].x
 
 
 def _numpy(x):
@@ -127,6 +129,8 @@ def test_mixtral_targets_by_role(mixtral):
     assert paths(ka.experts()) == paths(ka.mlp())
     attention = targeting.resolve_targets(backbone, ka.attention())
     assert not any(isinstance(layer, ExpertProjection) for layer, _ in attention)
+    with pytest.raises(ValueError, match="Unknown MLP role 'router'"):
+        ka.experts("router")
     # By path, like any layer.
     assert paths(r".*/experts/expert_feedforward_output_dense") == [
         "expert_feedforward_output_dense"
@@ -157,9 +161,12 @@ def test_methods_without_experts_refuse_them_by_name(adapter):
 
 def test_lora_refuses_data_driven_inits_and_combining_on_experts():
     model = MODELS["mixtral"].build(0)
+    base = predict(model, X)
     with pytest.raises(ValueError, match="stack of \\(4,\\) expert kernels"):
         ka.enable_adapter(model, ka.LoRA(rank=2, init="pissa"), targets=ka.experts())
     ka.enable_adapter(model, ka.LoRA(rank=2), targets=ka.experts("down"), name="a")
+    # The gate and up projections compute unadapted inside the rewritten call.
+    assert max_relative_difference(predict(model, X), base) <= 1e-6
     with pytest.raises(ValueError, match="stacked expert weights"):
         ka.combine_adapters(model, {"a": 1.0}, name="b")
 
@@ -223,9 +230,6 @@ def _qwen3(seed):
         head_dim=4,
     )
     return keras_hub.models.Qwen3MoeCausalLM(backbone=backbone, preprocessor=None)
-
-
-X = MODELS["mixtral"].x
 
 
 @pytest.fixture(scope="module")
