@@ -47,6 +47,7 @@ from keras_adapters.saving import load_adapter_weights
 from keras_adapters.saving import read_adapter_spec
 from keras_adapters.saving import save_adapter_weights
 from keras_adapters.targeting import attention
+from keras_adapters.targeting import experts
 from keras_adapters.targeting import mlp
 
 __version__ = "0.1.0"
@@ -78,6 +79,7 @@ __all__ = [
     "disable_adapters",
     "distribution",
     "enable_adapter",
+    "experts",
     "export_saved_model",
     "interop",
     "load_adapter_weights",

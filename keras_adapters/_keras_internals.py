@@ -128,6 +128,24 @@ def is_deserializable(cls):
     )
 
 
+# Functions `layer -> [child layer]` giving children a layer does not track
+# (the projections of a KerasHub experts layer, `kernels.experts`).
+_CHILD_LAYERS = []
+
+
+def register_child_layers(children):
+    """Makes `layers_with_parents` also yield `children(layer)` below each
+    layer."""
+    _CHILD_LAYERS.append(children)
+
+
+def _children(layer):
+    children = list(layer._layers)
+    for extra in _CHILD_LAYERS:
+        children += [c for c in extra(layer) if all(c is not k for k in children)]
+    return children
+
+
 def layers_with_parents(model):
     """Yields `(layer, parent)` for every layer below `model`, parents first.
 
@@ -142,7 +160,7 @@ def layers_with_parents(model):
             continue
         seen.add(id(layer))
         yield layer, parent
-        stack.extend((child, layer) for child in reversed(layer._layers))
+        stack.extend((child, layer) for child in reversed(_children(layer)))
 
 
 def reset_compiled_functions(model):

@@ -19,6 +19,7 @@ from keras_adapters.adapters.base import ADAPTER_METHODS
 from keras_adapters.kernels import LAYER_KINDS
 from keras_adapters.kernels import SUPPORTED_LAYERS
 from keras_adapters.kernels import UnsupportedLayerError
+from keras_adapters.kernels import adapts_kind
 from keras_adapters.kernels import frozen_kernel
 from keras_adapters.roles import layer_role
 
@@ -119,7 +120,7 @@ def methods_for_kind(kind) -> tuple:
     return tuple(
         method
         for method, cls in ADAPTER_METHODS.items()
-        if cls.layer_kinds is None or kind in cls.layer_kinds
+        if adapts_kind(cls.layer_kinds, kind)
     )
 
 

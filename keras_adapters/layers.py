@@ -22,9 +22,11 @@ from keras import ops
 
 from keras_adapters import _keras_internals as internals
 from keras_adapters import placement
+from keras_adapters.kernels import LAYER_KINDS
 from keras_adapters.kernels import SUPPORTED_LAYERS
 from keras_adapters.kernels import KernelView
 from keras_adapters.kernels import UnsupportedLayerError
+from keras_adapters.kernels import adapts_kind
 from keras_adapters.kernels import frozen_kernel
 
 __all__ = [
@@ -95,11 +97,12 @@ def check_kind(adapter, kernel):
     """Raises `UnsupportedLayerError` if `adapter`'s method does not adapt
     layers of `kernel`'s kind (`Adapter.layer_kinds`)."""
     kinds = adapter.layer_kinds
-    if kinds is not None and kernel.kind not in kinds:
+    if not adapts_kind(kinds, kernel.kind):
+        adapted = [k for k in LAYER_KINDS if adapts_kind(kinds, k)]
         raise UnsupportedLayerError(
             f"Layer '{kernel.path}' is a{'n' if kernel.kind[0] in 'ae' else ''} "
             f"{kernel.kind} layer, which {type(adapter).__name__} does not "
-            f"adapt; it adapts {', '.join(kinds)} layers."
+            f"adapt; it adapts {', '.join(adapted)} layers."
         )
 
 
@@ -171,7 +174,9 @@ class _VariableFactory:
     `factory(name, shape, initializer, regularizer=None, trainable=True)`
     creates a float32 variable laid out by `keras_adapters.placement` (under
     a `keras.distribution`, like the kernel dimensions the method's
-    `variable_axes` names). `trainable=False` makes a constant the method
+    `variable_axes` names). On a stacked kernel (`kernel.stack_shape`, the
+    experts of an MoE layer) the variable gets the stack axes in front: one
+    `shape` per expert. `trainable=False` makes a constant the method
     keeps with the layer (saved and restored with the adapter, never
     trained), such as LoRA's initial factors under PiSSA.
     """
@@ -182,8 +187,11 @@ class _VariableFactory:
     def __call__(self, name, shape, initializer, regularizer=None, trainable=True):
         slot = self._slot
         qualified = slot.qualified(name)
-        shape = tuple(int(d) for d in shape)
+        stack = tuple(slot.kernel.stack_shape)
+        shape = stack + tuple(int(d) for d in shape)
         axes = slot.adapter.variable_axes.get(name)
+        if axes is not None and stack:
+            axes = (placement.STACK,) * len(stack) + tuple(axes)
         layout = placement.variable_layout(slot.kernel, qualified, shape, axes)
         variable = internals.add_variable(
             slot.layer,
@@ -215,7 +223,8 @@ class _ShapeRecorder:
         self.shapes = {}
 
     def __call__(self, name, shape, initializer, regularizer=None, trainable=True):
-        self.shapes[self._slot.qualified(name)] = tuple(int(d) for d in shape)
+        stack = tuple(self._slot.kernel.stack_shape)
+        self.shapes[self._slot.qualified(name)] = stack + tuple(int(d) for d in shape)
 
     def seed_generator(self, name):
         return None
@@ -262,6 +271,7 @@ def attach(layer, adapter, kernel, name):
             else _AdaptedLayer
         )
         internals.switch_class(layer, mixin, serialize_as_base=True)
+        kernel.on_first_attach()
     layer._keras_adapters_slots[name] = slot
     return slot
 
@@ -318,6 +328,7 @@ def detach(layer, name, merge):
         for attribute in ("kernel", "slots", "training_argument"):
             object.__delattr__(layer, f"_keras_adapters_{attribute}")
         internals.restore_class(layer)
+        slot.kernel.on_last_detach()
 
 
 class _AdaptedLayer(internals.QuantizeHooks):

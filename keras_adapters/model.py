@@ -316,12 +316,12 @@ def _enable(model, adapter, targets, keep_trainable, name, validate=True):
                 type(layer).__name__,
                 kernel.kernel_shape,
                 (kernel.d_in, kernel.d_out),
-                layer_adapter.num_parameters(kernel),
+                _num_parameters(layer_adapter, kernel),
             )
             for layer, kernel, layer_adapter in plan
         ],
         skipped=skipped,
-        adapter_params=sum(a.num_parameters(kernel) for _, kernel, a in plan),
+        adapter_params=sum(_num_parameters(a, kernel) for _, kernel, a in plan),
         trainable_params=_count(model.trainable_weights),
         total_params=_count(model.weights),
         layer_adapters=[a for _, _, a in plan],
@@ -655,6 +655,17 @@ def combine_adapters(model: keras.Model, weights: dict, name: str) -> AdapterRep
     combined = type(adapters[0]).combine(adapters, coefficients)
     root = adapted_root(model)
     paths = list(dict.fromkeys(p for n in names for p in groups[n].layer_paths))
+    stacked = [
+        layer.path
+        for layer in adapted_layers(model)
+        if layer._keras_adapters_kernel.stack_shape
+        and targeting.relative_path(root.name, layer.path) in paths
+    ]
+    if stacked:
+        raise ValueError(
+            f"combine_adapters does not support adapters on stacked expert "
+            f"weights; the adapters {names} adapt {stacked}."
+        )
     active = list(adapter_state(model).active)
     with warnings.catch_warnings():
         # The optimizer check runs once, after the active set is restored.
@@ -680,6 +691,12 @@ def combine_adapters(model: keras.Model, weights: dict, name: str) -> AdapterRep
             new[short].assign(value)
     set_active_adapters(model, active)
     return report
+
+
+def _num_parameters(adapter, kernel):
+    """The adapter's parameters on one layer: per kernel of a stack (the
+    experts of an MoE layer) times the stack size."""
+    return adapter.num_parameters(kernel) * math.prod(kernel.stack_shape)
 
 
 def _restore(model, state):

@@ -18,6 +18,9 @@ from keras_adapters.kernels import frozen_kernel
 
 INPUT = "in"
 OUTPUT = "out"
+# The stack axes of a stacked kernel (the experts of an MoE layer), laid out
+# like the kernel's leading axes.
+STACK = "stack"
 
 
 class KernelDerivedLayout(keras.distribution.TensorLayout):
@@ -144,7 +147,9 @@ def adapter_variable_axes(kernel_axes, view, variable_axes, device_mesh=None):
         kernel_axes: the kernel's layout, one mesh axis name or None per axis.
         view: the kernel's `KernelView`, or the built layer.
         variable_axes: for each axis of the adapter variable, `"in"` (it runs
-            along the view's `d_in`), `"out"` (along `d_out`) or None.
+            along the view's `d_in`), `"out"` (along `d_out`), `"stack"`
+            (along the next stack axis of a stacked kernel, the experts of
+            an `ExpertsKernel`; the variable factory adds these) or None.
         device_mesh: optional `keras.distribution.DeviceMesh` (see
             `view_mesh_axes`).
 
@@ -165,15 +170,22 @@ def adapter_variable_axes(kernel_axes, view, variable_axes, device_mesh=None):
             "`variable_axes` must be a tuple of 'in', 'out' or None, one per "
             f"axis of the adapter variable; received {variable_axes!r}."
         )
-    bad = [a for a in variable_axes if a not in (INPUT, OUTPUT, None)]
+    bad = [a for a in variable_axes if a not in (INPUT, OUTPUT, STACK, None)]
     if bad:
         raise ValueError(
-            f"`variable_axes` entries must be 'in', 'out' or None; received "
+            f"`variable_axes` entries must be 'in', 'out' or None ('stack' for "
+            f"the expert axes of a stacked kernel); received "
             f"{tuple(variable_axes)!r}."
         )
     in_axis, out_axis = view_mesh_axes(kernel_axes, view, device_mesh)
     mesh_axis = {INPUT: in_axis, OUTPUT: out_axis, None: None}
-    axes = [mesh_axis[a] for a in variable_axes]
+    # "stack" entries take the kernel's leading (stack) axes in order; a
+    # kernel without stack axes leaves them replicated.
+    stack = list(kernel_axes[: len(getattr(view, "stack_shape", ()))])
+    axes = [
+        (stack.pop(0) if stack else None) if a == STACK else mesh_axis[a]
+        for a in variable_axes
+    ]
     # A mesh axis shards at most one axis of a variable.
     seen = set()
     for i, name in enumerate(axes):
@@ -289,7 +301,9 @@ def _check_layout_entries(adapter, layers):
     if active is None:
         return
     for layer in layers:
+        stack = len(frozen_kernel(layer).stack_shape)
         for name, axes in adapter.variable_axes.items():
+            axes = (STACK,) * stack + tuple(axes)
             path = f"{layer.path}/{name}"
             try:
                 layout = _explicit_layout(active, path)

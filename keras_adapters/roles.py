@@ -137,8 +137,28 @@ MLP_BLOCK_NAMES = {"up": ("dense_1", "fc1"), "down": ("dense_2", "fc2")}
 _MLP_BLOCK = re.compile(r".*(mlp|feedforward|ffn).*", re.IGNORECASE)
 
 
+def mlp_roles(layer, parent) -> tuple:
+    """The MLP roles of `layer` held by `parent`: one role, none, or two for
+    a fused projection (the `("gate", "up")` stacked expert weight of
+    Qwen-MoE and Qwen3-MoE).
+
+    The stacked expert weights of KerasHub's MoE layers carry their roles
+    (`ExpertProjection.mlp_roles`); a router (`sparse_feedforward_gate_dense`)
+    has none.
+    """
+    own = getattr(layer, "mlp_roles", None)
+    if isinstance(own, tuple):
+        return own
+    role = mlp_role(layer, parent)
+    return () if role is None else (role,)
+
+
 def mlp_role(layer, parent):
-    """The MLP role of `layer` held by `parent`, or None."""
+    """The MLP role of `layer` held by `parent`, or None (a fused projection's
+    roles joined by `+`: `"gate+up"`)."""
+    own = getattr(layer, "mlp_roles", None)
+    if isinstance(own, tuple):
+        return "+".join(own) or None
     for role, names in MLP_ROLE_NAMES.items():
         if layer.name in names:
             return role

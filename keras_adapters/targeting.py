@@ -5,7 +5,10 @@ A target is any of:
 - an attention role set, `attention("query", "value")`: the W_q/W_k/W_v/W_o
   projections, as each KerasHub architecture names them;
 - an MLP role set, `mlp("up", "down")`: the feed-forward projections (gate,
-  up, down), as each KerasHub architecture names them;
+  up, down), as each KerasHub architecture names them, the stacked expert
+  weights of mixture-of-experts layers included;
+- an expert role set, `experts("gate", "up", "down")`: only the stacked
+  expert weights of mixture-of-experts layers;
 - a string: a layer name (`"query"` matches every layer named `query`), or a
   regular expression that must `re.fullmatch` the layer's `path`
   (`r"transformer_layer_[0-5]/.*/(query|value)"`);
@@ -20,13 +23,14 @@ import keras
 
 from keras_adapters import _keras_internals as internals
 from keras_adapters.kernels import SUPPORTED_LAYERS
+from keras_adapters.kernels import ExpertProjection
 from keras_adapters.roles import ATTENTION_ROLES
 from keras_adapters.roles import MLP_ROLES
 from keras_adapters.roles import attention_role
 from keras_adapters.roles import check_mlp_roles
 from keras_adapters.roles import check_roles
 from keras_adapters.roles import layer_role
-from keras_adapters.roles import mlp_role
+from keras_adapters.roles import mlp_roles
 
 
 def relative_path(root_name, path):
@@ -74,13 +78,29 @@ class MLPTarget(Target):
         self.roles = tuple(roles)
 
     def matches(self, layer, parent):
-        return mlp_role(layer, parent) in self.roles
+        # A fused projection (Qwen-MoE's gate and up experts) matches when
+        # all its roles are asked for.
+        roles = mlp_roles(layer, parent)
+        return bool(roles) and set(roles) <= set(self.roles)
 
     def describe(self):
         return f"mlp{self.roles}"
 
     def __repr__(self):
         return f"mlp({', '.join(repr(r) for r in self.roles)})"
+
+
+class ExpertsTarget(MLPTarget):
+    """The stacked expert weights of MoE layers with the given MLP roles."""
+
+    def matches(self, layer, parent):
+        return isinstance(layer, ExpertProjection) and super().matches(layer, parent)
+
+    def describe(self):
+        return f"experts{self.roles}"
+
+    def __repr__(self):
+        return f"experts({', '.join(repr(r) for r in self.roles)})"
 
 
 class PathsTarget(Target):
@@ -147,6 +167,34 @@ def mlp(*roles: str) -> MLPTarget:
     return MLPTarget(check_mlp_roles(roles or MLP_ROLES))
 
 
+def experts(*roles: str) -> ExpertsTarget:
+    """Targets the stacked expert weights of mixture-of-experts layers by
+    MLP role (KerasHub's Mixtral, Qwen-MoE and Qwen3-MoE experts layers).
+
+    Each expert weight of an experts layer is reachable as
+    `<experts layer path>/<weight name>` (such as
+    `.../sparse_moe_block/experts/expert_feedforward_gate_dense`); `ka.mlp`
+    reaches them too, together with dense MLP projections. A fused gate and
+    up weight (Qwen-MoE, Qwen3-MoE) is selected when both `"gate"` and
+    `"up"` are asked for. The router, a `Dense` that picks the experts, has
+    no MLP role: neither target selects it (name it to adapt it).
+
+    Args:
+        *roles: one or more of `"gate"`, `"up"`, `"down"`. No roles means
+            all three.
+
+    Returns:
+        A target for `enable_adapter`.
+
+    Example:
+
+    >>> import keras_adapters as ka
+    >>> ka.experts("gate", "up")
+    experts('gate', 'up')
+    """
+    return ExpertsTarget(check_mlp_roles(roles or MLP_ROLES))
+
+
 def _string_matcher(pattern):
     try:
         compiled = re.compile(pattern)
@@ -186,8 +234,8 @@ def _matchers(targets):
         return [(f"callable {name}", lambda layer, parent: bool(targets(layer)))]
     raise ValueError(
         f"Invalid target {targets!r} of type {type(targets).__name__}; a target is "
-        "ka.attention(...), ka.mlp(...), a layer name or path regex (str), a "
-        "callable layer -> bool, or a list of these."
+        "ka.attention(...), ka.mlp(...), ka.experts(...), a layer name or path "
+        "regex (str), a callable layer -> bool, or a list of these."
     )
 
 

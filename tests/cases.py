@@ -34,6 +34,9 @@ class ModelCase:
     keep_trainable: object = None
     # Full-batch training steps that show a clear loss decrease.
     epochs: int = 20
+    # A layer kind the targets must reach: the matrix runs the case only for
+    # the methods that adapt it (`Adapter.layer_kinds`).
+    requires_kind: str | None = None
 
 
 def _token_data(seed=0):
@@ -101,6 +104,24 @@ def _llama(seed, **backbone_kwargs):
         **backbone_kwargs,
     )
     return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def _mixtral(seed, **backbone_kwargs):
+    """A tiny KerasHub Mixtral: one decoder layer whose sparse MoE block
+    keeps 4 experts as stacked kernels (top 2 per token)."""
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.MixtralBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=16,
+        num_experts=4,
+        top_k=2,
+        **backbone_kwargs,
+    )
+    return keras_hub.models.MixtralCausalLM(backbone=backbone, preprocessor=None)
 
 
 def _functional(seed):
@@ -215,6 +236,10 @@ def _model_cases():
         "gpt2": _causal_lm_case(_gpt2),
         "gemma": _causal_lm_case(_gemma),
         "llama": _causal_lm_case(_llama),
+        # Every expert weight (gate, up, down) of the MoE block, nothing else.
+        "mixtral": dataclasses.replace(
+            _causal_lm_case(_mixtral), targets=ka.experts(), requires_kind="experts"
+        ),
         "vit": ModelCase(
             build=_vit,
             x=rng.normal(size=(BATCH, 8, 8, 3)).astype("float32"),

@@ -77,7 +77,23 @@ def pytest_generate_tests(metafunc):
         return
     names = metafunc.fixturenames
     if "trained" in names:
-        cases = [(m, model) for m in methods for model in metafunc.cls.models]
+        from cases import MODELS
+
+        from keras_adapters.adapters.base import ADAPTER_METHODS
+        from keras_adapters.kernels import adapts_kind
+
+        def runs(method, model):
+            kind = MODELS[model].requires_kind
+            return kind is None or adapts_kind(
+                ADAPTER_METHODS[method].layer_kinds, kind
+            )
+
+        cases = [
+            (m, model)
+            for m in methods
+            for model in metafunc.cls.models
+            if runs(m, model)
+        ]
         metafunc.parametrize(
             "trained",
             cases,

@@ -29,33 +29,48 @@ from cases import predict  # noqa: E402
 
 import keras_adapters as ka  # noqa: E402
 from keras_adapters.adapters.base import ADAPTER_METHODS  # noqa: E402
+from keras_adapters.kernels import adapts_kind  # noqa: E402
 
 # Gemma's EinsumDense projections (3-D kernels); ViT's Conv2D, Embedding and
-# attention; the tied ReversibleEmbedding and causal Conv1D of "tied_lm".
-# (BERT's projections are EinsumDense layers like Gemma's: the file format
-# does not depend on the equation, and each case costs a model build, a
-# `.keras` round trip and a compiled predict on both backends.)
-MODEL_IDS = ("gemma", "vit", "tied_lm")
+# attention; the tied ReversibleEmbedding and causal Conv1D of "tied_lm";
+# Mixtral's stacked experts (for the methods that adapt them). (BERT's
+# projections are EinsumDense layers like Gemma's: the file format does not
+# depend on the equation, and each case costs a model build, a `.keras` round
+# trip and a compiled predict on both backends.)
+MODEL_IDS = ("gemma", "vit", "tied_lm", "mixtral")
+
+
+def cases(methods):
+    """`[(method, model id)]`: a model whose case needs a layer kind runs for
+    the methods that adapt it (Mixtral's experts)."""
+    return [
+        (method, model_id)
+        for method in methods
+        for model_id in MODEL_IDS
+        if MODELS[model_id].requires_kind is None
+        or adapts_kind(
+            ADAPTER_METHODS[method].layer_kinds, MODELS[model_id].requires_kind
+        )
+    ]
 
 
 def write(directory, methods):
     """Writes every (method, model) case, its adapters moved off identity."""
     os.makedirs(directory, exist_ok=True)
-    for method in methods:
-        for model_id in MODEL_IDS:
-            name = os.path.join(directory, f"{method}-{model_id}")
-            case = MODELS[model_id]
-            model = case.build(0)
-            model.save_weights(f"{name}.base.weights.h5")
-            adapter = ADAPTER_METHODS[method].example()
-            ka.enable_adapter(model, adapter, targets=case.targets)
-            rng = np.random.default_rng(0)
-            for variable in ka.adapter_variables(model):
-                value = keras.ops.convert_to_numpy(variable)
-                variable.assign(value + rng.normal(scale=0.1, size=variable.shape))
-            ka.save_adapter_weights(model, f"{name}.adapter.h5")
-            model.save(f"{name}.keras")
-            np.savez(f"{name}.npz", outputs=predict(model, case.x))
+    for method, model_id in cases(methods):
+        name = os.path.join(directory, f"{method}-{model_id}")
+        case = MODELS[model_id]
+        model = case.build(0)
+        model.save_weights(f"{name}.base.weights.h5")
+        adapter = ADAPTER_METHODS[method].example()
+        ka.enable_adapter(model, adapter, targets=case.targets)
+        rng = np.random.default_rng(0)
+        for variable in ka.adapter_variables(model):
+            value = keras.ops.convert_to_numpy(variable)
+            variable.assign(value + rng.normal(scale=0.1, size=variable.shape))
+        ka.save_adapter_weights(model, f"{name}.adapter.h5")
+        model.save(f"{name}.keras")
+        np.savez(f"{name}.npz", outputs=predict(model, case.x))
 
 
 def check(directory):

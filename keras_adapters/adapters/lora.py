@@ -67,7 +67,10 @@ class LoRA(LowRankAdapter):
     (rank-stabilized LoRA). For an `EinsumDense` kernel with more than two
     axes, `A B` factorizes the kernel viewed as a 2-D
     `(input axes, output axes)` matrix, as PEFT does on the flattened
-    projection (see `keras_adapters.kernels.KernelView`).
+    projection (see `keras_adapters.kernels.KernelView`). On the stacked
+    expert weights of a mixture-of-experts layer (`ExpertsKernel`) every
+    expert has its own factors, `A` `(experts, d_in, r)` and `B` `(experts,
+    r, d_out)`, applied with batched einsums over the expert axis.
 
     Training uses the activation path `x W + s ((dropout(x) A) B)`: the
     adapted kernel is never built, and the weight gradient of the frozen
@@ -143,6 +146,9 @@ class LoRA(LowRankAdapter):
 
     method = "lora"
     additive = True
+    # Every kind, the stacked experts of MoE layers too: its factors get the
+    # expert axis in front and its math batches over it.
+    layer_kinds = ("dense", "einsum_dense", "embedding", "conv", "experts")
     factor_names = ("lora_a", "lora_b")
     variable_axes = {
         "lora_a": ("in", None),
@@ -234,6 +240,15 @@ class LoRA(LowRankAdapter):
             **self._pattern_config(),
             **({} if self.init is None else {"init": self.init}),
         }
+
+    def validate(self, kernel):
+        super().validate(kernel)
+        if self.init is not None and kernel.stack_shape:
+            raise ValueError(
+                f"LoRA(init={self.init!r}) computes its factors from a 2-D base "
+                f"kernel, but layer '{kernel.path}' holds a stack of "
+                f"{kernel.stack_shape} expert kernels; use init=None there."
+            )
 
     def num_parameters(self, kernel):
         # The initial factors (constants) count: they are stored per layer.

@@ -16,6 +16,8 @@ from keras_adapters.kernels.conv import ConvKernel
 from keras_adapters.kernels.conv import unsupported_conv_reason
 from keras_adapters.kernels.embedding import EmbeddingKernel
 from keras_adapters.kernels.embedding import unsupported_embedding_reason
+from keras_adapters.kernels.experts import ExpertProjection
+from keras_adapters.kernels.experts import ExpertsKernel
 from keras_adapters.kernels.float import FloatKernel
 from keras_adapters.kernels.quantized import QuantizedKernel
 from keras_adapters.kernels.quantized import is_quantized
@@ -27,21 +29,31 @@ from keras_adapters.kernels.view import UnsupportedLayerError
 # The projections (and the only layers Keras quantizes to int8/int4 for us).
 PROJECTION_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense)
 # Every layer an adapter can attach to.
-SUPPORTED_LAYERS = PROJECTION_LAYERS + (keras.layers.Embedding,) + CONV_LAYERS
+SUPPORTED_LAYERS = (
+    PROJECTION_LAYERS + (keras.layers.Embedding,) + CONV_LAYERS + (ExpertProjection,)
+)
 # The layer kinds (`KernelView.kind`), for `Adapter.layer_kinds`.
-LAYER_KINDS = ("dense", "einsum_dense", "embedding", "conv")
+LAYER_KINDS = ("dense", "einsum_dense", "embedding", "conv", "experts")
+# Kinds whose kernels are stacks (`KernelView.stack_shape`): a method adapts
+# them only if its `layer_kinds` names them (`layer_kinds=None` means every
+# other kind), since its variables get the stack axes in front.
+STACKED_KINDS = ("experts",)
 
 __all__ = [
     "ConvKernel",
     "EmbeddingKernel",
+    "ExpertProjection",
+    "ExpertsKernel",
     "FloatKernel",
     "LAYER_KINDS",
     "PROJECTION_LAYERS",
+    "STACKED_KINDS",
     "KernelView",
     "QuantizedKernel",
     "SUPPORTED_LAYERS",
     "UnsupportedLayerError",
     "frozen_kernel",
+    "adapts_kind",
     "is_quantized",
     "quantization_mode",
     "unsupported_reason",
@@ -55,7 +67,9 @@ def frozen_kernel(layer):
         layer: a built `Dense` or `EinsumDense` layer, float or quantized
             with Keras' `"int8"`/`"int4"` modes; a float `Embedding` (or
             subclass, such as KerasHub's `ReversibleEmbedding`); a
-            `Conv1D`, `Conv2D` or `Conv3D` layer with `groups=1`.
+            `Conv1D`, `Conv2D` or `Conv3D` layer with `groups=1`; an
+            `ExpertProjection` (a stacked weight of a KerasHub experts
+            layer).
 
     Returns:
         The kernel object adapters are built on.
@@ -69,13 +83,16 @@ def frozen_kernel(layer):
         raise UnsupportedLayerError(
             f"Layer '{layer.path or layer.name}' is of type {type(layer).__name__}; "
             "adapters attach to Dense, EinsumDense, Embedding and "
-            "Conv1D/Conv2D/Conv3D layers."
+            "Conv1D/Conv2D/Conv3D layers, and the stacked weights of KerasHub "
+            "experts layers."
         )
     if not layer.built:
         raise UnsupportedLayerError(
             f"Layer '{layer.name}' is not built; build the model (call it on "
             "data or call build()) before enabling adapters."
         )
+    if isinstance(layer, ExpertProjection):
+        return ExpertsKernel(layer)
     if isinstance(layer, keras.layers.Embedding):
         reason = unsupported_embedding_reason(layer)
         kernel_class = EmbeddingKernel
@@ -88,3 +105,14 @@ def frozen_kernel(layer):
     if reason is not None:
         raise UnsupportedLayerError(reason)
     return kernel_class(layer)
+
+
+def adapts_kind(layer_kinds, kind) -> bool:
+    """Whether a method with these `Adapter.layer_kinds` adapts `kind`.
+
+    `None` means every kind but the stacked ones (`STACKED_KINDS`), which a
+    method must name.
+    """
+    if layer_kinds is None:
+        return kind not in STACKED_KINDS
+    return kind in layer_kinds

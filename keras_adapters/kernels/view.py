@@ -40,6 +40,10 @@ class KernelView:
     # Whether the layer's inputs are indices into the kernel's rows (an
     # embedding lookup) rather than features.
     index_inputs = False
+    # Leading axes of a stack of kernels (`(experts,)` for an
+    # `ExpertsKernel`): every adapter variable gets them in front, and
+    # `to_matrix` returns a stack of `(d_in, d_out)` matrices.
+    stack_shape = ()
 
     def __init__(self, kernel_shape, equation=None):
         kernel_shape = tuple(int(d) for d in kernel_shape)
@@ -94,6 +98,13 @@ class KernelView:
         """The layer kind (`"dense"`, `"einsum_dense"`, `"embedding"`,
         `"conv"`): what `Adapter.layer_kinds` names."""
         return "dense" if self.equation is None else "einsum_dense"
+
+    def on_first_attach(self):
+        """Called when the layer takes its first adapter (after its class
+        switched); `ExpertsKernel` switches its experts layer here."""
+
+    def on_last_detach(self):
+        """Called when the layer's last adapter went (class restored)."""
 
     def to_matrix(self, kernel):
         """Kernel (layer layout) -> `(d_in, d_out)` matrix."""
