@@ -376,6 +376,13 @@ def freeze_all_but(model, keep):
     (Keras' tracking short-circuits `self.x = value` when `self.x is
     value`), which would leave frozen variables frozen.
 
+    Then every layer none of whose variables trains is frozen as a layer
+    too, since some layers compute differently when frozen:
+    `BatchNormalization` then runs in inference mode (its moving statistics
+    neither update nor get replaced by batch statistics), as in Keras'
+    transfer-learning guide, so training an adapter leaves the base model's
+    statistics as they were and an adapter file reproduces the trained model.
+
     Args:
         model: a Keras model.
         keep: a set of `id(variable)`.
@@ -384,6 +391,10 @@ def freeze_all_but(model, keep):
     model.trainable = True
     for variable in model.trainable_weights:
         variable.trainable = id(variable) in keep
+    for layer, _ in internals.layers_with_parents(model):
+        weights = layer.weights
+        if weights and layer.trainable and not any(v.trainable for v in weights):
+            layer.trainable = False
 
 
 def _quantized_storage(model):

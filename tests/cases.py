@@ -180,6 +180,26 @@ def _vit(seed, **backbone_kwargs):
     )
 
 
+def _resnet(seed):
+    """A tiny KerasHub ResNet classifier (one bottleneck block): 1 x 1 and
+    3 x 3 `Conv2D` layers between frozen `BatchNormalization` layers, a
+    projection shortcut, global pooling and a Dense head."""
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[16],
+        input_conv_kernel_sizes=[3],
+        # KerasHub requires 64 filters in the first stack.
+        stackwise_num_filters=[64],
+        stackwise_num_blocks=[1],
+        stackwise_num_strides=[1],
+        block_type="bottleneck_block",
+        image_shape=(8, 8, 3),
+    )
+    return keras_hub.models.ResNetImageClassifier(
+        backbone=backbone, num_classes=3, preprocessor=None
+    )
+
+
 def _tied_lm(seed):
     """A functional language model with a tied KerasHub `ReversibleEmbedding`
     (the lookup and, with `reverse=True`, the output projection) and a
@@ -250,6 +270,15 @@ def _model_cases():
                 "position_embedding",
                 ka.attention("query", "value"),
             ],
+            loss=sparse_ce,
+        ),
+        "resnet": ModelCase(
+            build=_resnet,
+            x=rng.normal(size=(BATCH, 8, 8, 3)).astype("float32"),
+            y=rng.integers(0, 3, (BATCH,)),
+            # Every convolution: the stem's 3 x 3, the block's 1 x 1 and 3 x 3
+            # convolutions and its shortcut.
+            targets=r".*conv1_conv|.*_block\d+_\d_conv",
             loss=sparse_ce,
         ),
         "tied_lm": ModelCase(

@@ -165,12 +165,13 @@ class AdapterMatrix:
     methods = ()
     # Gemma's transposed 3-D EinsumDense kernels (a causal LM), a functional
     # model's Dense and EinsumDense, a KerasHub ViT (Conv2D patches, an
-    # Embedding of positions, MultiHeadAttention) and a tied
+    # Embedding of positions, MultiHeadAttention), a KerasHub ResNet (1 x 1
+    # and 3 x 3 Conv2D between frozen batch normalizations) and a tied
     # ReversibleEmbedding language model with a causal Conv1D; BERT's
     # projections (a classifier) are in the quantized, cross-backend and
     # multi-device suites. A Mixtral's stacked expert kernels run for the
     # methods that adapt experts (`ModelCase.requires_kind`).
-    models = ("gemma", "functional", "vit", "tied_lm", "mixtral")
+    models = ("gemma", "functional", "vit", "resnet", "tied_lm", "mixtral")
 
     @pytest.fixture(scope="class")
     def trained(self, request, tmp_path_factory):
@@ -293,8 +294,15 @@ class AdapterMatrix:
             assert not adapter_layers.is_adapted(layer)
             assert not adapter_names & {v.name for v in layer.weights}
         assert len(fresh.weights) == len(trained.base_weights)
-        # Trainable flags are back to what the base model had.
-        assert all(v.trainable for v in fresh.weights)
+        # Trainable flags are back to what the base model had (layers and
+        # variables: batch normalization statistics stay non-trainable).
+        base = _fresh_base(trained)
+        assert [v.trainable for v in fresh.weights] == [
+            v.trainable for v in base.weights
+        ]
+        assert [layer.trainable for layer in fresh._flatten_layers()] == [
+            layer.trainable for layer in base._flatten_layers()
+        ]
 
     def test_keras_file_round_trip_keeps_adapters(self, trained, tmp_path):
         path = str(tmp_path / "model.keras")
