@@ -347,3 +347,122 @@ def test_keras_cannot_resave_a_reloaded_quantized_keras_hub_model(tmp_path):
     model = rebuilt()
     with pytest.raises(ValueError, match="Invalid dtype"):
         model.save(str(tmp_path / "again.keras"))
+
+
+# ------------------------------------------------ quantized embedding tables
+
+TIED_LM = MODELS["tied_lm"]
+
+
+def quantized_tied_lm(config=None):
+    """The `"tied_lm"` case (seed 0) with its tied KerasHub
+    `ReversibleEmbedding` quantized to int8 (Keras' default: the reverse
+    projection quantizes its inputs per token; `config` to change that)."""
+    model = TIED_LM.build(0)
+    model.get_layer("token_embedding").quantize("int8", type_check=False, config=config)
+    return model
+
+
+def _table(layer):
+    """The dequantized table `int8 / scale` (one scale per row), float64."""
+    table = _numpy(layer._embeddings).astype("float64")
+    return table / _numpy(layer.embeddings_scale).astype("float64")[:, None]
+
+
+def _eager(model):
+    return _numpy(model(TIED_LM.x, training=False))
+
+
+@pytest.fixture(scope="module", params=["lora", "dora"])
+def quantized_embedding(request, tmp_path_factory):
+    """LoRA or DoRA on the int8 tied embedding only, trained under XLA."""
+    from matrix import example
+
+    model = quantized_tied_lm()
+    base = _eager(model)
+    ka.enable_adapter(model, example(request.param), targets=["token_embedding"])
+    init = _eager(model)
+    frozen = _snapshot(model.non_trainable_weights)
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-2), loss=TIED_LM.loss, jit_compile=True
+    )
+    history = model.fit(TIED_LM.x, TIED_LM.y, batch_size=BATCH, epochs=8, verbose=0)
+    path = str(tmp_path_factory.mktemp(f"qemb-{request.param}") / "a.weights.h5")
+    ka.save_adapter_weights(model, path)
+    return dict(
+        model=model,
+        base=base,
+        init=init,
+        frozen=frozen,
+        losses=history.history["loss"],
+        outputs=_eager(model),
+        path=path,
+    )
+
+
+def test_quantized_embedding_identity_fit_and_frozen_table(quantized_embedding):
+    run = quantized_embedding
+    assert max_relative_difference(run["init"], run["base"]) <= 1e-5
+    losses = run["losses"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    after = _snapshot(run["model"].non_trainable_weights)
+    assert any("embeddings_scale" in p for p in run["frozen"])
+    for path, value in run["frozen"].items():
+        np.testing.assert_array_equal(after[path], value, err_msg=path)
+    layer = run["model"].get_layer("token_embedding")
+    assert layer.quantization_mode == "int8" and layer._embeddings.dtype == "int8"
+
+
+def test_quantized_embedding_matches_numpy_reference(quantized_embedding):
+    """The lookup and the tied reverse projection against NumPy: the int8
+    table over its row scales, the adapter's reference formula and (reverse)
+    Keras' per-token input quantizer and logit soft cap."""
+    from matrix import reference_adapted_matrix
+    from matrix import reference_quantize_inputs
+
+    layer = quantized_embedding["model"].get_layer("token_embedding")
+    adapted = reference_adapted_matrix(layer, _table(layer))
+    ids = TIED_LM.x[:2]
+    np.testing.assert_allclose(
+        _numpy(layer(ids)), adapted[ids], rtol=1e-5, atol=1e-6
+    )
+    hidden = np.random.default_rng(3).normal(size=(2, 5, 8)).astype("float32")
+    logits = reference_quantize_inputs(hidden.astype("float64")) @ adapted.T
+    expected = np.tanh(logits / 30.0) * 30.0
+    np.testing.assert_allclose(
+        _numpy(layer(hidden, reverse=True)), expected, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_quantized_embedding_adapter_file_round_trip(quantized_embedding):
+    fresh = quantized_tied_lm()
+    ka.load_adapter_weights(fresh, quantized_embedding["path"])
+    np.testing.assert_allclose(
+        _eager(fresh), quantized_embedding["outputs"], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_quantized_embedding_merges(quantized_embedding):
+    """`quantized="float"` on a weight-only int8 table equals the unmerged
+    model; `"requantize"` re-quantizes it per row and reports the error."""
+    weight_only = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    model = quantized_tied_lm(weight_only)
+    ka.load_adapter_weights(model, quantized_embedding["path"])
+    layer = model.get_layer("token_embedding")
+    unmerged, expected = _eager(model), _numpy(layer.kernel)
+    report = ka.merge_adapters(model, quantized="float")
+    assert layer.quantization_mode is None and not ka.adapted_layers(model)
+    np.testing.assert_array_equal(_numpy(layer.embeddings), expected)
+    assert report.layers[0].kernel_max_abs_error == 0.0
+    assert max_relative_difference(_eager(model), unmerged) <= 1e-5
+
+    model = quantized_tied_lm()
+    ka.load_adapter_weights(model, quantized_embedding["path"])
+    layer = model.get_layer("token_embedding")
+    exact = _numpy(layer.kernel).astype("float64")
+    report = ka.merge_adapters(model, quantized="requantize")
+    (row,) = report.layers
+    assert layer.quantization_mode == "int8" and row.result == "int8"
+    assert row.activations_quantized
+    error = np.max(np.abs(_table(layer) - exact))
+    assert 0.0 < row.kernel_max_abs_error == pytest.approx(error, rel=1e-4)
