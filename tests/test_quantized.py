@@ -26,6 +26,7 @@ from cases import quantized_bert
 import keras_adapters as ka
 from keras_adapters import quantization
 from keras_adapters.kernels import PROJECTION_LAYERS
+from keras_adapters.kernels import UnsupportedLayerError
 from keras_adapters.kernels import frozen_kernel
 
 CASE = MODELS["bert"]
@@ -434,12 +435,67 @@ def test_quantized_embedding_matches_numpy_reference(quantized_embedding):
     )
 
 
-def test_quantized_embedding_adapter_file_round_trip(quantized_embedding):
+def test_quantized_embedding_adapter_and_keras_files(quantized_embedding, tmp_path):
     fresh = quantized_tied_lm()
     ka.load_adapter_weights(fresh, quantized_embedding["path"])
     np.testing.assert_allclose(
         _eager(fresh), quantized_embedding["outputs"], rtol=1e-5, atol=1e-5
     )
+    path = str(tmp_path / "model.keras")
+    quantized_embedding["model"].save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        _eager(loaded), quantized_embedding["outputs"], rtol=1e-5, atol=1e-5
+    )
+    (layer,) = ka.adapted_layers(loaded)
+    assert layer.quantization_mode == "int8"
+    np.testing.assert_array_equal(
+        _numpy(layer._embeddings),
+        _numpy(quantized_embedding["model"].get_layer("token_embedding")._embeddings),
+    )
+
+
+@pytest.mark.parametrize("block_size", [-1, 4], ids=["per_channel", "grouped"])
+def test_int4_embedding_lookup_and_reverse_match_numpy(block_size):
+    """LoRA on an int4 tied table (per-channel and sub-channel with zero
+    points): identity at init, then the lookup and reverse projection with a
+    nonzero adapter against the table Keras' own `embeddings` unpacks."""
+    model = TIED_LM.build(0)
+    layer = model.get_layer("token_embedding")
+    config = keras.quantizers.Int4QuantizationConfig(block_size=block_size)
+    layer.quantize("int4", type_check=False, config=config)
+    ids, hidden = TIED_LM.x[:2], np.ones((2, 3, 8), "float32")
+    base = _numpy(layer(ids)), _numpy(layer(hidden, reverse=True))
+    ka.enable_adapter(model, ka.LoRA(rank=2), targets=["token_embedding"])
+    np.testing.assert_array_equal(_numpy(layer(ids)), base[0])
+    np.testing.assert_allclose(_numpy(layer(hidden, reverse=True)), base[1], atol=1e-5)
+    (lora_b,) = [v for v in layer.trainable_weights if "lora_b" in v.path]
+    lora_b.assign(np.random.default_rng(0).normal(size=lora_b.shape))
+    (lora_a,) = [v for v in layer.trainable_weights if "lora_a" in v.path]
+    # Keras' int4 table: unpacked integers, dequantized per row (and group).
+    values = _numpy(
+        keras.quantizers.unpack_int4(layer._embeddings, 8, axis=-1)
+    ).astype("float64")
+    scale = _numpy(layer.embeddings_scale).astype("float64")
+    if block_size == -1:
+        table = values / scale[:, None]
+    else:
+        groups = _numpy(layer.g_idx).astype("int64")
+        zero = _numpy(layer.embeddings_zero).astype("float64")
+        table = (values - zero[:, groups]) * scale[:, groups]
+    adapted = table + (
+        _numpy(lora_a).astype("float64") @ _numpy(lora_b).astype("float64")
+    ) * ka.LoRA(rank=2).scale
+    np.testing.assert_allclose(_numpy(layer(ids)), adapted[ids], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_numpy(layer.kernel), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_untied_reversible_embedding_is_refused():
+    layer = keras.layers.ReversibleEmbedding(8, 4, tie_weights=False)
+    layer.build()
+    layer.quantize("int8")
+    with pytest.raises(UnsupportedLayerError, match="untied weights"):
+        frozen_kernel(layer)
 
 
 def test_quantized_embedding_merges(quantized_embedding):
