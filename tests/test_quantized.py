@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from cases import BATCH
 from cases import MODELS
+from cases import VOCAB
 from cases import input_shape
 from cases import max_relative_difference
 from cases import quantized_bert
@@ -424,9 +425,7 @@ def test_quantized_embedding_matches_numpy_reference(quantized_embedding):
     layer = quantized_embedding["model"].get_layer("token_embedding")
     adapted = reference_adapted_matrix(layer, _table(layer))
     ids = TIED_LM.x[:2]
-    np.testing.assert_allclose(
-        _numpy(layer(ids)), adapted[ids], rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(_numpy(layer(ids)), adapted[ids], rtol=1e-5, atol=1e-6)
     hidden = np.random.default_rng(3).normal(size=(2, 5, 8)).astype("float32")
     logits = reference_quantize_inputs(hidden.astype("float64")) @ adapted.T
     expected = np.tanh(logits / 30.0) * 30.0
@@ -455,39 +454,59 @@ def test_quantized_embedding_adapter_and_keras_files(quantized_embedding, tmp_pa
     )
 
 
-@pytest.mark.parametrize("block_size", [-1, 4], ids=["per_channel", "grouped"])
-def test_int4_embedding_lookup_and_reverse_match_numpy(block_size):
-    """LoRA on an int4 tied table (per-channel and sub-channel with zero
-    points): identity at init, then the lookup and reverse projection with a
-    nonzero adapter against the table Keras' own `embeddings` unpacks."""
-    model = TIED_LM.build(0)
-    layer = model.get_layer("token_embedding")
-    config = keras.quantizers.Int4QuantizationConfig(block_size=block_size)
-    layer.quantize("int4", type_check=False, config=config)
+@pytest.mark.parametrize(
+    "mode, block_size",
+    [("int8", None), ("int4", -1), ("int4", 4)],
+    ids=["int8_embedding", "int4_per_channel", "int4_grouped"],
+)
+def test_quantized_lookup_and_reverse_match_numpy(mode, block_size):
+    """LoRA on a plain int8 `Embedding` and on int4 tied tables (per-channel
+    and sub-channel with zero points): identity at init, then the lookup
+    (and reverse projection) with a nonzero adapter against NumPy."""
+    if mode == "int8":
+        model = keras.Sequential([keras.layers.Embedding(VOCAB, 8, name="emb")])
+        model.build((None, 3))
+        layer = model.get_layer("emb")
+        layer.quantize("int8")
+    else:
+        model = TIED_LM.build(0)
+        layer = model.get_layer("token_embedding")
+        config = keras.quantizers.Int4QuantizationConfig(block_size=block_size)
+        layer.quantize("int4", type_check=False, config=config)
+    reversible = isinstance(layer, keras.layers.ReversibleEmbedding)
     ids, hidden = TIED_LM.x[:2], np.ones((2, 3, 8), "float32")
-    base = _numpy(layer(ids)), _numpy(layer(hidden, reverse=True))
-    ka.enable_adapter(model, ka.LoRA(rank=2), targets=["token_embedding"])
-    np.testing.assert_array_equal(_numpy(layer(ids)), base[0])
-    np.testing.assert_allclose(_numpy(layer(hidden, reverse=True)), base[1], atol=1e-5)
-    (lora_b,) = [v for v in layer.trainable_weights if "lora_b" in v.path]
-    lora_b.assign(np.random.default_rng(0).normal(size=lora_b.shape))
-    (lora_a,) = [v for v in layer.trainable_weights if "lora_a" in v.path]
-    # Keras' int4 table: unpacked integers, dequantized per row (and group).
-    values = _numpy(
-        keras.quantizers.unpack_int4(layer._embeddings, 8, axis=-1)
-    ).astype("float64")
+    base = _numpy(layer(ids))
+    base_reverse = _numpy(layer(hidden, reverse=True)) if reversible else None
+    ka.enable_adapter(model, ka.LoRA(rank=2), targets=[layer.name])
+    np.testing.assert_array_equal(_numpy(layer(ids)), base)
+    if reversible:
+        reverse = _numpy(layer(hidden, reverse=True))
+        np.testing.assert_allclose(reverse, base_reverse, atol=1e-5)
+    weights = {v.name: v for v in layer.trainable_weights}
+    weights["lora_b"].assign(np.random.default_rng(0).normal(size=(2, 8)))
+    # Keras' table: (unpacked) integers, dequantized per row (and group).
+    values = layer._embeddings
+    if mode == "int4":
+        values = keras.quantizers.unpack_int4(values, 8, axis=-1)
+    values = _numpy(values).astype("float64")
     scale = _numpy(layer.embeddings_scale).astype("float64")
-    if block_size == -1:
+    if block_size in (None, -1):
         table = values / scale[:, None]
     else:
         groups = _numpy(layer.g_idx).astype("int64")
         zero = _numpy(layer.embeddings_zero).astype("float64")
         table = (values - zero[:, groups]) * scale[:, groups]
-    adapted = table + (
-        _numpy(lora_a).astype("float64") @ _numpy(lora_b).astype("float64")
-    ) * ka.LoRA(rank=2).scale
+    lora_a, lora_b = (
+        _numpy(weights[n]).astype("float64") for n in ("lora_a", "lora_b")
+    )
+    adapted = table + lora_a @ lora_b * ka.LoRA(rank=2).scale
     np.testing.assert_allclose(_numpy(layer(ids)), adapted[ids], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_numpy(layer.kernel), adapted, rtol=1e-5, atol=1e-5)
+    if reversible:
+        # Hidden states of ones: Keras' per-token input quantizer keeps them.
+        expected = np.tanh(hidden @ adapted.T / 30.0) * 30.0
+        actual = _numpy(layer(hidden, reverse=True))
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_quantized_untied_reversible_embedding_is_refused():

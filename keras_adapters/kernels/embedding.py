@@ -254,7 +254,9 @@ class QuantizedEmbeddingKernel(EmbeddingKernel):
         if quantizer is None:
             return inputs
         values, scale = quantizer(inputs, axis=-1)
-        dequantized = ops.cast(ops.divide(ops.cast(values, inputs.dtype), scale), inputs.dtype)
+        dequantized = ops.cast(
+            ops.divide(ops.cast(values, inputs.dtype), scale), inputs.dtype
+        )
         return ops.add(
             ops.stop_gradient(dequantized),
             ops.subtract(inputs, ops.stop_gradient(inputs)),
