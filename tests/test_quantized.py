@@ -375,9 +375,9 @@ def _eager(model):
     return _numpy(model(TIED_LM.x, training=False))
 
 
-@pytest.fixture(scope="module", params=["lora", "dora"])
+@pytest.fixture(scope="module", params=["lora", "dora", "hut"])
 def quantized_embedding(request, tmp_path_factory):
-    """LoRA or DoRA on the int8 tied embedding only, trained under XLA."""
+    """LoRA, DoRA or HUT on the int8 tied embedding only, trained under XLA."""
     from matrix import example
 
     model = quantized_tied_lm()
