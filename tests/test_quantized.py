@@ -454,16 +454,11 @@ def test_quantized_embedding_adapter_and_keras_files(quantized_embedding, tmp_pa
     )
 
 
-@pytest.mark.parametrize(
-    "mode, block_size",
-    [("int8", None), ("int4", -1), ("int4", 4)],
-    ids=["int8_embedding", "int4_per_channel", "int4_grouped"],
-)
-def test_quantized_lookup_and_reverse_match_numpy(mode, block_size):
-    """LoRA on a plain int8 `Embedding` and on int4 tied tables (per-channel
-    and sub-channel with zero points): identity at init, then the lookup
-    (and reverse projection) with a nonzero adapter against NumPy."""
+def _quantized_table(mode, block_size):
+    """`(model, layer)`: a plain `Embedding` quantized to int8, or the tied
+    table of `"tied_lm"` quantized to int4 with `block_size`."""
     if mode == "int8":
+        keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.layers.Embedding(VOCAB, 8, name="emb")])
         model.build((None, 3))
         layer = model.get_layer("emb")
@@ -473,8 +468,22 @@ def test_quantized_lookup_and_reverse_match_numpy(mode, block_size):
         layer = model.get_layer("token_embedding")
         config = keras.quantizers.Int4QuantizationConfig(block_size=block_size)
         layer.quantize("int4", type_check=False, config=config)
+    return model, layer
+
+
+@pytest.mark.parametrize(
+    "mode, block_size",
+    [("int8", None), ("int4", -1), ("int4", 4)],
+    ids=["int8_embedding", "int4_per_channel", "int4_grouped"],
+)
+def test_quantized_lookup_and_reverse_match_numpy(mode, block_size, tmp_path):
+    """LoRA on a plain int8 `Embedding` and on int4 tied tables (per-channel
+    and sub-channel with zero points): identity at init, then the lookup
+    (and reverse projection) with a nonzero adapter against NumPy."""
+    model, layer = _quantized_table(mode, block_size)
     reversible = isinstance(layer, keras.layers.ReversibleEmbedding)
-    ids, hidden = TIED_LM.x[:2], np.ones((2, 3, 8), "float32")
+    ids = TIED_LM.x[:2]
+    hidden = np.random.default_rng(3).normal(size=(2, 3, 8)).astype("float32")
     base = _numpy(layer(ids))
     base_reverse = _numpy(layer(hidden, reverse=True)) if reversible else None
     ka.enable_adapter(model, ka.LoRA(rank=2), targets=[layer.name])
@@ -503,10 +512,19 @@ def test_quantized_lookup_and_reverse_match_numpy(mode, block_size):
     np.testing.assert_allclose(_numpy(layer(ids)), adapted[ids], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_numpy(layer.kernel), adapted, rtol=1e-5, atol=1e-5)
     if reversible:
-        # Hidden states of ones: Keras' per-token input quantizer keeps them.
-        expected = np.tanh(hidden @ adapted.T / 30.0) * 30.0
+        from matrix import reference_quantize_inputs
+
+        inputs = hidden.astype("float64")
+        if layer.inputs_quantizer is not None:
+            inputs = reference_quantize_inputs(inputs)
+        expected = np.tanh(inputs @ adapted.T / 30.0) * 30.0
         actual = _numpy(layer(hidden, reverse=True))
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+    path = str(tmp_path / "a.weights.h5")
+    ka.save_adapter_weights(model, path)
+    fresh, fresh_layer = _quantized_table(mode, block_size)
+    ka.load_adapter_weights(fresh, path)
+    np.testing.assert_array_equal(_numpy(fresh_layer(ids)), _numpy(layer(ids)))
 
 
 def test_quantized_untied_reversible_embedding_is_refused():
