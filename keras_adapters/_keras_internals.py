@@ -200,31 +200,49 @@ def variable_layout(variable):
 
 
 def replace_quantized_kernel(layer, kernel, source_policy):
-    """Turns an int8/int4 `Dense`/`EinsumDense` back into a float layer.
+    """Turns an int8/int4 `Dense`/`EinsumDense`/`Embedding` back into a float
+    layer.
 
-    Deletes the integer kernel and its scale (and zero point and group
-    indices), sets the float dtype policy the layer was quantized from
-    (`source_policy`), and creates a float kernel holding `kernel`. The bias
-    is re-created after it, so the variables come in a freshly built float
-    layer's order (kernel, bias). Keras' own `quantize` removes variables
-    the same way (`del layer._kernel` with the tracker unlocked).
+    Deletes the integer kernel (an embedding's table) and its scale (and
+    zero point and group indices), sets the float dtype policy the layer was
+    quantized from (`source_policy`), and creates a float kernel holding
+    `kernel`. A bias is re-created after it, so the variables come in a
+    freshly built float layer's order (kernel, bias). Keras' own `quantize`
+    removes variables the same way (`del layer._kernel` with the tracker
+    unlocked).
     """
-    bias = getattr(layer, "bias", None)
+    embedding = isinstance(layer, keras.layers.Embedding)
+    bias = None if embedding else getattr(layer, "bias", None)
     bias_value = None if bias is None else bias.numpy()
-    with unlocked_tracker(layer):
+    if embedding:
+        names = ["_embeddings", "embeddings_scale", "embeddings_zero", "g_idx"]
+        attributes = ("inputs_quantizer", "_int4_block_size", "_orig_output_dim")
+    else:
         names = ["_kernel", "kernel_scale", "kernel_zero", "g_idx"]
+        attributes = ("inputs_quantizer", "_int4_block_size")
+    with unlocked_tracker(layer):
         for name in names + ([] if bias is None else ["bias"]):
             if hasattr(layer, name):
                 # What `del layer.<name>` does, without the full
                 # `gc.collect()` Keras' `Layer.__delattr__` runs each time.
                 untrack_variable(layer, getattr(layer, name))
                 object.__delattr__(layer, name)
-        for name in ("inputs_quantizer", "_int4_block_size"):
+        for name in attributes:
             if hasattr(layer, name):
                 object.__delattr__(layer, name)
         layer.quantization_config = None
         layer._is_quantized = False
         layer.dtype_policy = source_policy
+        if embedding:
+            layer._embeddings = layer.add_weight(
+                name="embeddings",
+                shape=tuple(kernel.shape),
+                initializer="zeros",
+                regularizer=layer.embeddings_regularizer,
+                constraint=layer.embeddings_constraint,
+            )
+            layer._embeddings.assign(kernel)
+            return
         layer._kernel = layer.add_weight(
             name="kernel",
             shape=tuple(kernel.shape),
@@ -250,17 +268,20 @@ def quantize_layer(layer, mode, config):
     A model rebuilt from a config keeps its layers' policies in one shared
     `DTypePolicyMap`, and Keras' `quantize` then names the new policy after
     the map ("int8_from_map_float32") and fails. The layer is quantized with
-    its own policy, and the map entry is updated after.
+    its own policy, and the map entry is updated after. Keras' `quantize`
+    refuses subclasses unless `type_check=False` (KerasHub's
+    `ReversibleEmbedding` is one); the layer was quantized before, so its
+    class supports it.
     """
     from keras.src.dtype_policies.dtype_policy_map import DTypePolicyMap
 
     policy_map = layer._dtype_policy
     if not isinstance(policy_map, DTypePolicyMap):
-        layer.quantize(mode, config=config)
+        layer.quantize(mode, type_check=False, config=config)
         return
     layer._dtype_policy = policy_map[layer.path]
     try:
-        layer.quantize(mode, config=config)
+        layer.quantize(mode, type_check=False, config=config)
     finally:
         quantized = layer._dtype_policy
         layer._dtype_policy = policy_map

@@ -359,10 +359,12 @@ class _AdaptedLayer(internals.QuantizeHooks):
             # projection of an untied `ReversibleEmbedding`).
             return super().call(inputs, **kwargs)
         active = self._active_slots()
+        if mode == "transposed":
+            # On an int8 table: the hidden states quantized as Keras would.
+            inputs = kernel.prepare_transposed_inputs(inputs)
+            return kernel.finish_transposed(_transposed(self, kernel, active, inputs))
         # On an int8 layer: the inputs quantized as Keras would (else `x`).
         inputs = kernel.prepare_inputs(inputs)
-        if mode == "transposed":
-            return kernel.finish_transposed(_transposed(self, kernel, active, inputs))
         if kernel.index_inputs:
             # Lookups take no adapter dropout (token ids are not features;
             # PEFT's embedding LoRA has none either).

@@ -50,7 +50,10 @@ as soon as a quantized layer is among those merged:
   (`merge_and_measure` adds the output error on sample inputs).
 
 Supported modes: `"int8"` and `"int4"` (per-channel and sub-channel, on
-`Dense` and `EinsumDense`). `"float8"` (which trains its own scales through
+`Dense` and `EinsumDense`, and on `Embedding` tables and tied
+`ReversibleEmbedding`s: their lookup gathers integer rows and rescales them,
+see `keras_adapters.kernels.QuantizedEmbeddingKernel`; `loftq` quantizes
+projections only). `"float8"` (which trains its own scales through
 overwritten gradients), `"gptq"` and `"awq"` are rejected with a message.
 """
 

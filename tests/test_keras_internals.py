@@ -108,6 +108,32 @@ def test_kernel_variable_is_the_stored_kernel():
     assert internals.kernel_variable(layer).path.endswith("/kernel")
 
 
+@pytest.mark.parametrize("block_size", [-1, 2], ids=["per_channel", "grouped"])
+def test_quantized_embedding_goes_back_to_float_and_requantizes(block_size):
+    """`replace_quantized_kernel` on an int4 KerasHub `ReversibleEmbedding`
+    (a subclass Keras' `quantize` refuses without `type_check=False`) leaves
+    a float table like a fresh layer's, and `quantize_layer` quantizes it
+    again with the int4 storage Keras builds."""
+    import keras_hub
+
+    layer = keras_hub.layers.ReversibleEmbedding(6, 4)
+    layer.build()
+    float_names = [v.name for v in layer.weights]
+    config = keras.quantizers.Int4QuantizationConfig(block_size=block_size)
+    layer.quantize("int4", type_check=False, config=config)
+    assert layer._embeddings.dtype == "int8" and layer._orig_output_dim == 4
+    table = np.arange(24, dtype="float32").reshape(6, 4) / 24
+    internals.replace_quantized_kernel(layer, table, "float32")
+    assert layer.quantization_mode is None and not hasattr(layer, "_orig_output_dim")
+    assert [v.name for v in layer.weights] == float_names
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer.embeddings), table)
+    internals.quantize_layer(layer, "int4", config)
+    assert layer.quantization_mode == "int4"
+    names = ["embeddings", "embeddings_scale"]
+    assert [v.name for v in layer.weights][:2] == names
+    assert hasattr(layer, "embeddings_zero") == (block_size > 0)
+
+
 def test_quantize_hooks_route_quantized_calls_and_refuse_quantizing():
     class Hooked(internals.QuantizeHooks):
         def call(self, inputs):

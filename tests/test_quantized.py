@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from cases import BATCH
 from cases import MODELS
+from cases import VOCAB
 from cases import input_shape
 from cases import max_relative_difference
 from cases import quantized_bert
@@ -26,6 +27,7 @@ from cases import quantized_bert
 import keras_adapters as ka
 from keras_adapters import quantization
 from keras_adapters.kernels import PROJECTION_LAYERS
+from keras_adapters.kernels import UnsupportedLayerError
 from keras_adapters.kernels import frozen_kernel
 
 CASE = MODELS["bert"]
@@ -347,3 +349,213 @@ def test_keras_cannot_resave_a_reloaded_quantized_keras_hub_model(tmp_path):
     model = rebuilt()
     with pytest.raises(ValueError, match="Invalid dtype"):
         model.save(str(tmp_path / "again.keras"))
+
+
+# ------------------------------------------------ quantized embedding tables
+
+TIED_LM = MODELS["tied_lm"]
+
+
+def quantized_tied_lm(config=None):
+    """The `"tied_lm"` case (seed 0) with its tied KerasHub
+    `ReversibleEmbedding` quantized to int8 (Keras' default: the reverse
+    projection quantizes its inputs per token; `config` to change that)."""
+    model = TIED_LM.build(0)
+    model.get_layer("token_embedding").quantize("int8", type_check=False, config=config)
+    return model
+
+
+def _table(layer):
+    """The dequantized table `int8 / scale` (one scale per row), float64."""
+    table = _numpy(layer._embeddings).astype("float64")
+    return table / _numpy(layer.embeddings_scale).astype("float64")[:, None]
+
+
+def _eager(model):
+    return _numpy(model(TIED_LM.x, training=False))
+
+
+@pytest.fixture(scope="module", params=["lora", "dora", "hut"])
+def quantized_embedding(request, tmp_path_factory):
+    """LoRA, DoRA or HUT on the int8 tied embedding only, trained under XLA."""
+    from matrix import example
+
+    model = quantized_tied_lm()
+    base = _eager(model)
+    ka.enable_adapter(model, example(request.param), targets=["token_embedding"])
+    init = _eager(model)
+    frozen = _snapshot(model.non_trainable_weights)
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-2), loss=TIED_LM.loss, jit_compile=True
+    )
+    history = model.fit(TIED_LM.x, TIED_LM.y, batch_size=BATCH, epochs=8, verbose=0)
+    path = str(tmp_path_factory.mktemp(f"qemb-{request.param}") / "a.weights.h5")
+    ka.save_adapter_weights(model, path)
+    return dict(
+        model=model,
+        base=base,
+        init=init,
+        frozen=frozen,
+        losses=history.history["loss"],
+        outputs=_eager(model),
+        path=path,
+    )
+
+
+def test_quantized_embedding_identity_fit_and_frozen_table(quantized_embedding):
+    run = quantized_embedding
+    assert max_relative_difference(run["init"], run["base"]) <= 1e-5
+    losses = run["losses"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    after = _snapshot(run["model"].non_trainable_weights)
+    assert any("embeddings_scale" in p for p in run["frozen"])
+    for path, value in run["frozen"].items():
+        np.testing.assert_array_equal(after[path], value, err_msg=path)
+    layer = run["model"].get_layer("token_embedding")
+    assert layer.quantization_mode == "int8" and layer._embeddings.dtype == "int8"
+
+
+def test_quantized_embedding_matches_numpy_reference(quantized_embedding):
+    """The lookup and the tied reverse projection against NumPy: the int8
+    table over its row scales, the adapter's reference formula and (reverse)
+    Keras' per-token input quantizer and logit soft cap."""
+    from matrix import reference_adapted_matrix
+    from matrix import reference_quantize_inputs
+
+    layer = quantized_embedding["model"].get_layer("token_embedding")
+    adapted = reference_adapted_matrix(layer, _table(layer))
+    ids = TIED_LM.x[:2]
+    np.testing.assert_allclose(_numpy(layer(ids)), adapted[ids], rtol=1e-5, atol=1e-6)
+    hidden = np.random.default_rng(3).normal(size=(2, 5, 8)).astype("float32")
+    logits = reference_quantize_inputs(hidden.astype("float64")) @ adapted.T
+    expected = np.tanh(logits / 30.0) * 30.0
+    np.testing.assert_allclose(
+        _numpy(layer(hidden, reverse=True)), expected, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_quantized_embedding_adapter_and_keras_files(quantized_embedding, tmp_path):
+    fresh = quantized_tied_lm()
+    ka.load_adapter_weights(fresh, quantized_embedding["path"])
+    np.testing.assert_allclose(
+        _eager(fresh), quantized_embedding["outputs"], rtol=1e-5, atol=1e-5
+    )
+    path = str(tmp_path / "model.keras")
+    quantized_embedding["model"].save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        _eager(loaded), quantized_embedding["outputs"], rtol=1e-5, atol=1e-5
+    )
+    (layer,) = ka.adapted_layers(loaded)
+    assert layer.quantization_mode == "int8"
+    np.testing.assert_array_equal(
+        _numpy(layer._embeddings),
+        _numpy(quantized_embedding["model"].get_layer("token_embedding")._embeddings),
+    )
+
+
+def _quantized_table(mode, block_size):
+    """`(model, layer)`: a plain `Embedding` quantized to int8, or the tied
+    table of `"tied_lm"` quantized to int4 with `block_size`."""
+    if mode == "int8":
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.layers.Embedding(VOCAB, 8, name="emb")])
+        model.build((None, 3))
+        layer = model.get_layer("emb")
+        layer.quantize("int8")
+    else:
+        model = TIED_LM.build(0)
+        layer = model.get_layer("token_embedding")
+        config = keras.quantizers.Int4QuantizationConfig(block_size=block_size)
+        layer.quantize("int4", type_check=False, config=config)
+    return model, layer
+
+
+@pytest.mark.parametrize(
+    "mode, block_size",
+    [("int8", None), ("int4", -1), ("int4", 4)],
+    ids=["int8_embedding", "int4_per_channel", "int4_grouped"],
+)
+def test_quantized_lookup_and_reverse_match_numpy(mode, block_size, tmp_path):
+    """LoRA on a plain int8 `Embedding` and on int4 tied tables (per-channel
+    and sub-channel with zero points): identity at init, then the lookup
+    (and reverse projection) with a nonzero adapter against NumPy."""
+    model, layer = _quantized_table(mode, block_size)
+    reversible = isinstance(layer, keras.layers.ReversibleEmbedding)
+    ids = TIED_LM.x[:2]
+    hidden = np.random.default_rng(3).normal(size=(2, 3, 8)).astype("float32")
+    base = _numpy(layer(ids))
+    base_reverse = _numpy(layer(hidden, reverse=True)) if reversible else None
+    ka.enable_adapter(model, ka.LoRA(rank=2), targets=[layer.name])
+    np.testing.assert_array_equal(_numpy(layer(ids)), base)
+    if reversible:
+        reverse = _numpy(layer(hidden, reverse=True))
+        np.testing.assert_allclose(reverse, base_reverse, atol=1e-5)
+    weights = {v.name: v for v in layer.trainable_weights}
+    weights["lora_b"].assign(np.random.default_rng(0).normal(size=(2, 8)))
+    # Keras' table: (unpacked) integers, dequantized per row (and group).
+    values = layer._embeddings
+    if mode == "int4":
+        values = keras.quantizers.unpack_int4(values, 8, axis=-1)
+    values = _numpy(values).astype("float64")
+    scale = _numpy(layer.embeddings_scale).astype("float64")
+    if block_size in (None, -1):
+        table = values / scale[:, None]
+    else:
+        groups = _numpy(layer.g_idx).astype("int64")
+        zero = _numpy(layer.embeddings_zero).astype("float64")
+        table = (values - zero[:, groups]) * scale[:, groups]
+    lora_a, lora_b = (
+        _numpy(weights[n]).astype("float64") for n in ("lora_a", "lora_b")
+    )
+    adapted = table + lora_a @ lora_b * ka.LoRA(rank=2).scale
+    np.testing.assert_allclose(_numpy(layer(ids)), adapted[ids], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_numpy(layer.kernel), adapted, rtol=1e-5, atol=1e-5)
+    if reversible:
+        from matrix import reference_quantize_inputs
+
+        inputs = hidden.astype("float64")
+        if layer.inputs_quantizer is not None:
+            inputs = reference_quantize_inputs(inputs)
+        expected = np.tanh(inputs @ adapted.T / 30.0) * 30.0
+        actual = _numpy(layer(hidden, reverse=True))
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+    path = str(tmp_path / "a.weights.h5")
+    ka.save_adapter_weights(model, path)
+    fresh, fresh_layer = _quantized_table(mode, block_size)
+    ka.load_adapter_weights(fresh, path)
+    np.testing.assert_array_equal(_numpy(fresh_layer(ids)), _numpy(layer(ids)))
+
+
+def test_quantized_untied_reversible_embedding_is_refused():
+    layer = keras.layers.ReversibleEmbedding(8, 4, tie_weights=False)
+    layer.build()
+    layer.quantize("int8")
+    with pytest.raises(UnsupportedLayerError, match="untied weights"):
+        frozen_kernel(layer)
+
+
+def test_quantized_embedding_merges(quantized_embedding):
+    """`quantized="float"` on a weight-only int8 table equals the unmerged
+    model; `"requantize"` re-quantizes it per row and reports the error."""
+    weight_only = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    model = quantized_tied_lm(weight_only)
+    ka.load_adapter_weights(model, quantized_embedding["path"])
+    layer = model.get_layer("token_embedding")
+    unmerged, expected = _eager(model), _numpy(layer.kernel)
+    report = ka.merge_adapters(model, quantized="float")
+    assert layer.quantization_mode is None and not ka.adapted_layers(model)
+    np.testing.assert_array_equal(_numpy(layer.embeddings), expected)
+    assert report.layers[0].kernel_max_abs_error == 0.0
+    assert max_relative_difference(_eager(model), unmerged) <= 1e-5
+
+    model = quantized_tied_lm()
+    ka.load_adapter_weights(model, quantized_embedding["path"])
+    layer = model.get_layer("token_embedding")
+    exact = _numpy(layer.kernel).astype("float64")
+    report = ka.merge_adapters(model, quantized="requantize")
+    (row,) = report.layers
+    assert layer.quantization_mode == "int8" and row.result == "int8"
+    assert row.activations_quantized
+    error = np.max(np.abs(_table(layer) - exact))
+    assert 0.0 < row.kernel_max_abs_error == pytest.approx(error, rel=1e-4)

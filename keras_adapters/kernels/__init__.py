@@ -2,7 +2,8 @@
 
 `frozen_kernel(layer)` returns a `FloatKernel` for a float `Dense` or
 `EinsumDense` layer, a `QuantizedKernel` for an int8/int4 one, an
-`EmbeddingKernel` for an `Embedding` (and KerasHub's `ReversibleEmbedding`)
+`EmbeddingKernel` for an `Embedding` (and KerasHub's `ReversibleEmbedding`;
+a `QuantizedEmbeddingKernel` for an int8/int4 one)
 and a `ConvKernel` for a `Conv1D`/`Conv2D`/`Conv3D`. All give adapter methods
 the same calls (2-D view, frozen projection, dense kernel for merges), so a
 method never needs to know how the base is stored or what kind of layer it
@@ -15,6 +16,7 @@ from keras_adapters.kernels.conv import CONV_LAYERS
 from keras_adapters.kernels.conv import ConvKernel
 from keras_adapters.kernels.conv import unsupported_conv_reason
 from keras_adapters.kernels.embedding import EmbeddingKernel
+from keras_adapters.kernels.embedding import QuantizedEmbeddingKernel
 from keras_adapters.kernels.embedding import unsupported_embedding_reason
 from keras_adapters.kernels.experts import ExpertProjection
 from keras_adapters.kernels.experts import ExpertsKernel
@@ -49,6 +51,7 @@ __all__ = [
     "PROJECTION_LAYERS",
     "STACKED_KINDS",
     "KernelView",
+    "QuantizedEmbeddingKernel",
     "QuantizedKernel",
     "SUPPORTED_LAYERS",
     "UnsupportedLayerError",
@@ -65,8 +68,9 @@ def frozen_kernel(layer):
 
     Args:
         layer: a built `Dense` or `EinsumDense` layer, float or quantized
-            with Keras' `"int8"`/`"int4"` modes; a float `Embedding` (or
-            subclass, such as KerasHub's `ReversibleEmbedding`); a
+            with Keras' `"int8"`/`"int4"` modes; an `Embedding` (or
+            subclass, such as KerasHub's `ReversibleEmbedding`), float or
+            int8/int4 (tied weights if reversible); a
             `Conv1D`, `Conv2D` or `Conv3D` layer with `groups=1`; an
             `ExpertProjection` (a stacked weight of a KerasHub experts
             layer).
@@ -95,7 +99,9 @@ def frozen_kernel(layer):
         return ExpertsKernel(layer)
     if isinstance(layer, keras.layers.Embedding):
         reason = unsupported_embedding_reason(layer)
-        kernel_class = EmbeddingKernel
+        kernel_class = (
+            QuantizedEmbeddingKernel if is_quantized(layer) else EmbeddingKernel
+        )
     elif isinstance(layer, CONV_LAYERS):
         reason = unsupported_conv_reason(layer)
         kernel_class = ConvKernel

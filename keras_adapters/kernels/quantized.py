@@ -67,8 +67,11 @@ def _int4_grouped(layer):
 
 
 def logical_kernel_shape(layer) -> tuple:
-    """The float kernel's shape, also for packed int4 kernels."""
+    """The float kernel's shape, also for packed int4 kernels (an
+    embedding's: its table's `(vocab, dim)`)."""
     mode = quantization_mode(layer)
+    if isinstance(layer, keras.layers.Embedding):
+        return (int(layer.input_dim), int(layer.output_dim))
     if mode == "int4":
         if isinstance(layer, keras.layers.EinsumDense):
             return tuple(int(d) for d in layer.original_kernel_shape)
