@@ -14,8 +14,8 @@ started at the probe). Optimizer: Adam (as the paper's code), constant rate:
 study picked on validation for full fine-tuning and LoRA on the same data;
 an earlier run at 5e-5 and 1e-3 stopped far from convergence);
 `--epochs` (20) epochs, batch 8, the best validation epoch kept (the
-paper: 10 epochs, best validation epoch). Data as `studies/methods.py` (8 + 8 articles per class,
-300-article test set, 64 tokens).
+paper: 10 epochs, best validation epoch). Data as `studies/methods.py`
+(8 + 8 articles per class, 300-article test set, 64 tokens).
 
 Probe: multinomial logistic regression on the frozen `[CLS]`-pooled features
 with an L2 penalty `l2 ||V||^2` (bias free), solved to convergence by
