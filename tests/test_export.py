@@ -101,12 +101,20 @@ def test_export_is_merged_verified_and_dynamic(tmp_path, model_id):
 # this process instead.
 
 
-def test_export_of_a_plain_functional_model_with_adapters(tmp_path):
-    model = _adapted("functional")
-    report = ka.export_saved_model(model, tmp_path / "functional", verify=False)
-    _, served = _serve(report.path, {"features": MODELS["functional"].x})
+# A plain functional model; KerasHub vision classifiers with adapters on
+# convolutions (ViT's patch embedding, every Conv2D of a ResNet between its
+# batch normalizations) and embeddings.
+@pytest.mark.parametrize("model_id", ["functional", "vit", "resnet"])
+def test_export_of_models_with_adapters_served_in_process(tmp_path, model_id):
+    model = _adapted(model_id)
+    case = MODELS[model_id]
+    report = ka.export_saved_model(model, tmp_path / model_id, verify=False)
+    assert len(report.merged_layers) == len(ka.adapted_layers(model))
+    assert not any("lora" in name for name in _variable_names(report.path))
+    (name,) = report.inputs
+    _, served = _serve(report.path, {name: case.x})
     np.testing.assert_allclose(
-        served, model.predict(MODELS["functional"].x, verbose=0), rtol=1e-5, atol=1e-6
+        served, model.predict(case.x, verbose=0), rtol=1e-5, atol=1e-5
     )
 
 
