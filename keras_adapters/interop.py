@@ -476,15 +476,16 @@ def save_peft_adapter(
         # The layer's own configuration (its rank from a rank_pattern).
         adapter = slot.adapter
         embedding = slot.kernel.kind == "embedding"
-        if embedding and tuple(type(adapter).peft_tensors) != ("lora_A", "lora_B"):
+        if embedding and not _embeds(type(adapter)):
             raise ValueError(
                 f"Adapter {name!r} is a {type(adapter).__name__} on the embedding "
                 f"'{slot.layer.path}'; PEFT export of embedding adapters supports "
-                "LoRA only."
+                "LoRA and DoRA."
             )
         for tensor, value in adapter.to_peft_tensors(slot).items():
-            if embedding:  # lora_embedding_A (r, vocab), no `.weight`
-                tensors[f"{key}.{tensor.replace('lora_', 'lora_embedding_')}"] = value
+            if embedding and tensor in _EMBEDDING_NAMES:
+                # lora_embedding_A (r, vocab), no `.weight`
+                tensors[f"{key}.{_EMBEDDING_NAMES[tensor]}"] = value
             else:
                 suffix = _tensor_suffix(type(adapter), tensor)
                 tensors[f"{key}.{tensor}{suffix}"] = value
@@ -905,14 +906,22 @@ def _tensor_key(cls):
 # being `(vocab, dim)` = (in, out). With `save_embedding_layers` (PEFT's
 # default when an embedding is targeted) it also stores the whole base
 # table as `<module>.base_layer.weight`.
+# DoRA on an embedding adds `lora_magnitude_vector` `(dim,)`, named as on a
+# linear layer.
 _EMBEDDING_TENSORS = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
+_EMBEDDING_NAMES = {v: k for k, v in _EMBEDDING_TENSORS.items()}
 _BASE_TABLE = "base_layer"
+
+
+def _embeds(cls):
+    """Whether PEFT stores this method on an `nn.Embedding` (LoRA, DoRA)."""
+    return tuple(cls.peft_tensors[:2]) == ("lora_A", "lora_B")
 
 
 def _embedding_keys(tensors, cls):
     """`tensors` with PEFT's embedding names in the linear layers' names
-    (LoRA only), and the set of modules that are embeddings."""
-    if tuple(cls.peft_tensors) != ("lora_A", "lora_B"):
+    (LoRA and DoRA), and the set of modules that are embeddings."""
+    if not _embeds(cls):
         return tensors, {}, set()
     renamed, embeddings = {}, set()
     for key, value in tensors.items():

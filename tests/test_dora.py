@@ -115,7 +115,9 @@ def test_layer_and_merge_match_the_numpy_formula(layout):
     assert type(layer) in adapter_layers.SUPPORTED_LAYERS
     np.testing.assert_allclose(numpy(layer.kernel), kernel, rtol=1e-5, atol=1e-6)
     difference = np.max(np.abs(numpy(model(x)) - unmerged)) / np.max(np.abs(unmerged))
-    assert difference <= 1e-6
+    # float32 over a 384-wide contraction: TensorFlow's threaded reductions
+    # reached 1.2e-6 once under load (a wrong merge is off by far more).
+    assert difference <= 5e-6
 
 
 def values_by_name(layer):

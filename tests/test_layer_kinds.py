@@ -361,12 +361,22 @@ PEFT_BACKBONES = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(PEFT_BACKBONES))
-def test_peft_embedding_adapter_matches_pytorch_and_exports_back(kind, tmp_path):
-    """PEFT's LoRA on `embed_tokens` (and q/v projections): the decoder body's
-    outputs equal PyTorch's; the export writes the same LoRA tensors."""
+@pytest.mark.parametrize(
+    "kind, fixture",
+    [
+        ("gemma", "gemma_embed_lora"),
+        ("llama", "llama_embed_lora"),
+        ("llama", "llama_embed_dora"),
+    ],
+)
+def test_peft_embedding_adapter_matches_pytorch_and_exports_back(
+    kind, fixture, tmp_path
+):
+    """PEFT's LoRA and DoRA on `embed_tokens` (and q/v projections): the
+    decoder body's outputs equal PyTorch's; the export writes the same
+    tensors (DoRA's magnitudes included)."""
     backbone = PEFT_BACKBONES[kind].from_preset(os.path.join(PEFT_DATA, kind))
-    source = os.path.join(PEFT_DATA, f"{kind}_embed_lora")
+    source = os.path.join(PEFT_DATA, fixture)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = ka.interop.load_peft_adapter(backbone, source)
@@ -376,7 +386,7 @@ def test_peft_embedding_adapter_matches_pytorch_and_exports_back(kind, tmp_path)
     stored = np.load(os.path.join(PEFT_DATA, "outputs.npz"))
     inputs = {"token_ids": stored["token_ids"], "padding_mask": stored["padding_mask"]}
     expected = np.load(os.path.join(PEFT_DATA, "outputs_embeddings.npz"))
-    expected = expected[f"{kind}_embed_lora/sequence_output"]
+    expected = expected[f"{fixture}/sequence_output"]
     mask = stored["padding_mask"].astype(bool)
     got = _numpy(backbone(inputs))
     base = PEFT_BACKBONES[kind].from_preset(os.path.join(PEFT_DATA, kind))
@@ -410,10 +420,10 @@ def test_peft_embedding_adapter_for_another_table_is_refused(tmp_path):
     assert ka.adapted_layers(backbone) == []
 
 
-def test_peft_export_refuses_dora_on_embeddings(tmp_path):
+def test_peft_export_refuses_hut_on_embeddings(tmp_path):
     backbone = PEFT_BACKBONES["llama"].from_preset(os.path.join(PEFT_DATA, "llama"))
-    ka.enable_adapter(backbone, ka.DoRA(rank=2), targets="token_embedding")
-    with pytest.raises(ValueError, match="embedding adapters supports LoRA only"):
+    ka.enable_adapter(backbone, ka.HUT(rank=2), targets="token_embedding")
+    with pytest.raises(ValueError, match="HUT"):
         ka.interop.save_peft_adapter(backbone, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -292,6 +292,9 @@ Do not edit by hand: change the script and run it again.
   (untied) and `gemma` (tied) checkpoints, r=3, alpha=6, random factors;
   `outputs_embeddings.npz` holds the decoder bodies' outputs,
   `versions_embeddings.json` the library versions.
+- `llama_embed_dora/` (`--embeddings`): the same targets on `llama` with PEFT
+  DoRA (`use_dora=True`: `lora_magnitude_vector` `(hidden,)` for the table),
+  random factors and magnitudes; its output is in `outputs_embeddings.npz`.
 """
 
 
@@ -388,6 +391,32 @@ def embeddings(token_ids, padding_mask):
             result = body(input_ids=ids, attention_mask=mask)
         outputs[f"{kind}_embed_lora/sequence_output"] = result.last_hidden_state.numpy()
         _save_adapter(model, OUT / f"{kind}_embed_lora", kind)
+    # DoRA on the untied Llama's `embed_tokens` (and q/v): random factors and
+    # magnitudes (`lora_magnitude_vector` `(hidden,)`, the table's norms over
+    # the vocabulary per hidden unit, times noise).
+    base = classes["llama"].from_pretrained(OUT / "llama").eval()
+    model = _peft_model(
+        base,
+        r=3,
+        lora_alpha=6,
+        use_dora=True,
+        target_modules=["embed_tokens", "q_proj", "v_proj"],
+        task_type="CAUSAL_LM",
+    )
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            if "lora_embedding_" in name or "lora_A" in name or "lora_B" in name:
+                parameter.copy_(
+                    torch.randn(parameter.shape, generator=generator) * LORA_STD
+                )
+            elif "lora_magnitude_vector" in name:
+                noise = torch.randn(parameter.shape, generator=generator)
+                parameter.mul_(1.0 + 0.2 * noise)
+        body = model.base_model.model.model
+        result = body(input_ids=ids, attention_mask=mask)
+    outputs["llama_embed_dora/sequence_output"] = result.last_hidden_state.numpy()
+    _save_adapter(model, OUT / "llama_embed_dora", "llama")
     return outputs
 
 
@@ -396,7 +425,7 @@ def main_embeddings():
     torch.set_num_threads(1)
     stored = np.load(OUT / "outputs.npz")
     token_ids, padding_mask = stored["token_ids"], stored["padding_mask"]
-    for name in ("llama_embed_lora", "gemma_embed_lora"):
+    for name in ("llama_embed_lora", "gemma_embed_lora", "llama_embed_dora"):
         if (OUT / name).exists():
             shutil.rmtree(OUT / name)
     outputs = embeddings(token_ids, padding_mask)
