@@ -83,7 +83,10 @@ def pytest_generate_tests(metafunc):
         from keras_adapters.kernels import adapts_kind
 
         def runs(method, model):
-            kind = MODELS[model].requires_kind
+            case = MODELS[model]
+            if case.methods is not None and method not in case.methods:
+                return False
+            kind = case.requires_kind
             return kind is None or adapts_kind(
                 ADAPTER_METHODS[method].layer_kinds, kind
             )
