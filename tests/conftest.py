@@ -3,20 +3,11 @@ import os
 import sys
 import tempfile
 
-# Cheaper XLA compilation for the tests' tiny models: compiling, not running,
-# is what most tests spend their time on, and these flags halve it on both
-# backends (measured on 2 cores: `fit` of a tiny Gemma and BERT, 44 s -> 23 s
-# on JAX, 78-96 s -> 34-54 s on TensorFlow) with the same losses to 1e-7.
-# They only turn off LLVM optimizations of the generated CPU code. Set before
-# Keras imports its backend; the scripts the tests start inherit them.
-_FAST_COMPILE = (
-    "--xla_backend_optimization_level=0",
-    "--xla_llvm_disable_expensive_passes=true",
-)
-_flags = os.environ.get("XLA_FLAGS", "").split()
-os.environ["XLA_FLAGS"] = " ".join(
-    _flags + [f for f in _FAST_COMPILE if f.split("=")[0] not in " ".join(_flags)]
-)
+# Cheaper XLA compilation (see xla_flags.py), set before Keras imports its
+# backend; the scripts the tests start inherit it.
+import xla_flags  # noqa: E402
+
+xla_flags.add(*xla_flags.FAST_COMPILE)
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

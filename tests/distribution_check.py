@@ -34,15 +34,12 @@ if BACKEND == "jax":
     # 8 virtual host devices; and cheaper CPU compilation (each program is
     # compiled for one device and for 8, and the tests share 2 CPU cores).
     # Both runs of a comparison use the same flags.
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    for flag in (
+    import xla_flags  # this script runs from tests/
+
+    xla_flags.add(
         f"--xla_force_host_platform_device_count={JAX_DEVICES}",
-        "--xla_backend_optimization_level=0",
-        "--xla_llvm_disable_expensive_passes=true",
-    ):
-        if flag.split("=")[0] not in " ".join(flags):
-            flags.append(flag)
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+        *xla_flags.FAST_COMPILE,
+    )
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402

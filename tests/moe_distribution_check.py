@@ -16,17 +16,11 @@ import json
 import os
 import sys
 
-flags = os.environ.get("XLA_FLAGS", "").split()
-for flag in (
-    "--xla_force_host_platform_device_count=4",
-    "--xla_backend_optimization_level=0",
-    "--xla_llvm_disable_expensive_passes=true",
-):
-    if flag.split("=")[0] not in " ".join(flags):
-        flags.append(flag)
-os.environ["XLA_FLAGS"] = " ".join(flags)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(__file__))
+import xla_flags  # noqa: E402
+
+xla_flags.add("--xla_force_host_platform_device_count=4", *xla_flags.FAST_COMPILE)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
