@@ -234,32 +234,34 @@ def replace_quantized_kernel(layer, kernel, source_policy):
         layer._is_quantized = False
         layer.dtype_policy = source_policy
         if embedding:
-            layer._embeddings = layer.add_weight(
-                name="embeddings",
-                shape=tuple(kernel.shape),
-                initializer="zeros",
-                regularizer=layer.embeddings_regularizer,
-                constraint=layer.embeddings_constraint,
+            layer._embeddings = _float_weight(
+                layer,
+                "embeddings",
+                kernel,
+                layer.embeddings_regularizer,
+                layer.embeddings_constraint,
             )
-            layer._embeddings.assign(kernel)
             return
-        layer._kernel = layer.add_weight(
-            name="kernel",
-            shape=tuple(kernel.shape),
-            initializer="zeros",
-            regularizer=layer.kernel_regularizer,
-            constraint=layer.kernel_constraint,
+        layer._kernel = _float_weight(
+            layer, "kernel", kernel, layer.kernel_regularizer, layer.kernel_constraint
         )
-        layer._kernel.assign(kernel)
         if bias_value is not None:
-            layer.bias = layer.add_weight(
-                name="bias",
-                shape=tuple(bias_value.shape),
-                initializer="zeros",
-                regularizer=layer.bias_regularizer,
-                constraint=layer.bias_constraint,
+            layer.bias = _float_weight(
+                layer, "bias", bias_value, layer.bias_regularizer, layer.bias_constraint
             )
-            layer.bias.assign(bias_value)
+
+
+def _float_weight(layer, name, value, regularizer, constraint):
+    """A new float variable of `layer` holding `value`."""
+    variable = layer.add_weight(
+        name=name,
+        shape=tuple(value.shape),
+        initializer="zeros",
+        regularizer=regularizer,
+        constraint=constraint,
+    )
+    variable.assign(value)
+    return variable
 
 
 def quantize_layer(layer, mode, config):
